@@ -1,0 +1,211 @@
+"""The training command: compose conf/, train, track in MLflow, print a summary.
+
+`python train.py model.layers=[50,50] bn=true` runs `main`; `run_experiment(cfg)` is
+the same without the command line (tests, notebooks, the sweeper). Its return value,
+the final validation accuracy, is what sweeps optimise.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab import config, data, network, schedules, trainer
+from mlplab.config import ConfigError
+from mlplab.data import DataError, Dataset
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+config.register()
+
+
+@dataclass
+class Outcome:
+    """What one run produced: final metrics, timing, and where it was recorded."""
+
+    final: dict[str, float]
+    run_id: str
+    tracking_uri: str
+    seconds: dict[str, float]
+
+    @property
+    def val_acc(self) -> float:
+        return self.final["val_acc"]
+
+
+def build_dataset(cfg: DictConfig) -> Dataset:
+    d = cfg.data
+    return data.load_dataset(d.name, split=d.split, n_val=d.n_val, n_train=d.n_train,
+                             url=d.url, md5=d.md5, root=d.root, dtype=np.dtype(cfg.train.dtype))
+
+
+def build_schedule(cfg: DictConfig, n_train: int):
+    s, bs = cfg.schedule, cfg.train.batch_size
+    if bs > n_train:
+        raise ConfigError(f"train.batch_size={bs} is larger than the {n_train} training "
+                          "rows: allowed 1.." + str(n_train))
+    if s.name == "constant":
+        return schedules.Constant(s.eta, s.epochs)
+    n_s = schedules.half_cycle(s.n_s, s.n_s_k, n_train, bs)
+    return schedules.Cyclical(s.eta_min, s.eta_max, n_s, s.cycles)
+
+
+def build_network(cfg: DictConfig, ds: Dataset, rng) -> network.Network:
+    m = cfg.model
+    return network.init_network(ds.X_train.shape[1], list(m.layers), ds.n_classes, bn=cfg.bn,
+                                init=m.init, init_std=m.init_std, bn_momentum=m.bn_momentum,
+                                rng=rng, dtype=np.dtype(cfg.train.dtype))
+
+
+def describe(net: network.Network, schedule) -> str:
+    arch = "-".join(map(str, net.sizes)) + (" +BN" if net.bn else "")
+    if isinstance(schedule, schedules.Cyclical):
+        sched = (f"CLR {schedule.eta_min:g}..{schedule.eta_max:g}, n_s={schedule.n_s}, "
+                 f"{schedule.cycles} cycle(s)")
+    else:
+        sched = f"constant eta={schedule.eta:g}, {schedule.epochs} epochs"
+    return f"{arch}, {sched}"
+
+
+def _hydra_overrides() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return " ".join(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without the command line (tests, notebooks)
+        return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def run_experiment(cfg: DictConfig) -> Outcome:
+    """Validate, load, train and track one run. Raises ConfigError or DataError before
+    anything is recorded; trainer.Diverged after marking the run FAILED."""
+    from mlplab import plots, pyfunc_model, tracking
+
+    t_start = time.perf_counter()
+    config.validate(cfg)
+    ds = build_dataset(cfg)
+    schedule = build_schedule(cfg, len(ds.y_train))
+    init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
+    net = build_network(cfg, ds, np.random.default_rng(init_seed))
+    summary = describe(net, schedule)
+
+    t_cfg = cfg.tracking
+    tags = {"mlplab.summary": summary, "data_fingerprint": ds.fingerprint(),
+            "git_commit": tracking.git_commit(Path(__file__).parent),
+            "hydra_overrides": _hydra_overrides(), **cfg.tags}
+    uri = tracking.resolve_uri(t_cfg.uri)
+    with tracking.start_run(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
+                            parent_run_id=t_cfg.parent_run_id) as run:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run.log_params(tracking.flatten(resolved))
+        run.set_tags(tags)
+        with run.timed():
+            _log_datasets(ds)
+        try:
+            result = trainer.train(
+                net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
+                rng=np.random.default_rng(shuffle_seed),
+                evals_per_cycle=cfg.train.evals_per_cycle, progress=cfg.train.progress,
+                on_eval=lambda rec: run.log_metrics(
+                    {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]),
+            )
+        except trainer.Diverged as err:
+            run.set_tags({"failure": str(err)})
+            raise
+        final = result.final
+        run.log_metrics({"final_train_acc": final["train_acc"],
+                         "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
+                         "test_loss": final["test_loss"]}, step=result.steps)
+        with tempfile.TemporaryDirectory() as tmp, run.timed():
+            tmp = Path(tmp)
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            plots.plot_curves(result.history, tmp / "curves.png", title=summary)
+            artifacts = [tmp / "config.yaml", tmp / "curves.png"]
+            if net.n_layers == 1:
+                plots.plot_class_templates(net.params["W1"], ds.image_shape, ds.class_names,
+                                           tmp / "class_templates.png")
+                artifacts.append(tmp / "class_templates.png")
+            for path in artifacts:
+                run.log_artifact(path)
+            if t_cfg.log_model:
+                examples = data.rows_to_images(
+                    _raw_examples(ds, pyfunc_model.EXAMPLE_ROWS), ds.image_shape)
+                pyfunc_model.log_model(net, ds.mean, ds.std, examples)
+        seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
+                   "tracking": run.seconds, "wall": time.perf_counter() - t_start}
+        run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps,
+                        force=True)
+        return Outcome(final, run.run_id, uri, seconds)
+
+
+def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
+    """The first n test rows undone back to uint8 pixels, as a user would pass them."""
+    rows = ds.X_test[:n].astype(np.float64) * ds.std + ds.mean
+    return np.clip(np.rint(rows), 0, 255).astype(np.uint8)
+
+
+def _log_datasets(ds: Dataset) -> None:
+    import mlflow
+
+    fingerprint = ds.fingerprint()
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        dataset = mlflow.data.from_numpy(
+            getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=ds.source,
+            name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
+        mlflow.log_input(dataset, context=context)
+
+
+def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
+    f, s = outcome.final, outcome.seconds
+    share = 100 * s["tracking"] / s["wall"] if s["wall"] else 0.0
+    print(
+        f"\nmlplab run {outcome.run_id} (experiment {cfg.tracking.experiment!r})\n"
+        f"  accuracy  train {f['train_acc']:.4f}   val {f['val_acc']:.4f}   "
+        f"test {f['test_acc']:.4f}\n"
+        f"  cost      train {f['train_cost']:.4f}   val {f['val_cost']:.4f}\n"
+        f"  seconds   train {s['train']:.1f}   eval {s['eval']:.1f}   "
+        f"tracking {s['tracking']:.1f} ({share:.1f}% of {s['wall']:.1f})\n"
+        f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}"
+    )
+
+
+def _fail(message: str, code: int):
+    print(f"mlplab: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point. In a multirun a diverged trial returns NaN (recorded as failed
+    by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
+    multirun = _in_multirun()
+    try:
+        outcome = run_experiment(cfg)
+    except (ConfigError, DataError) as err:
+        if multirun:
+            raise
+        _fail(str(err), 2)
+    except trainer.Diverged as err:
+        print(f"mlplab: run FAILED: {err}", file=sys.stderr)
+        if multirun:
+            return math.nan
+        sys.exit(1)
+    print_summary(outcome, cfg)
+    return outcome.val_acc

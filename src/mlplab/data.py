@@ -1,0 +1,266 @@
+"""CIFAR-10 (and scikit-learn's 8x8 digits) as standardised train/val/test arrays.
+
+The CIFAR-10 "python version" archive is fetched from `url` (https, a `file://` URL
+or a plain path), its MD5 checked, and extracted once under `root/<md5>/`, so a cache
+made from one archive is never taken for another. Downloads go to a `.part` file and
+extraction to a temporary folder that is renamed into place only when complete: an
+interrupted run leaves nothing that passes for a good cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+BATCHES_DIR = "cifar-10-batches-py"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+SPLITS = ("batch1", "all")
+DATASETS = ("cifar10", "digits")
+DIGITS_TEST_FRACTION = 0.2
+COMPLETE_MARKER = ".complete"
+
+
+class DataError(RuntimeError):
+    """The data cannot be had or is not what it claims to be."""
+
+
+@dataclass
+class Dataset:
+    """Standardised splits. X_*: (n, d) float, y_*: (n,) int64 in [0, n_classes)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray  # (d,) training-split mean, applied to every split
+    std: np.ndarray  # (d,) training-split std
+    image_shape: tuple[int, int, int]  # (height, width, channels) of one row
+    class_names: tuple[str, ...]
+    name: str
+    source: str  # where the raw data came from, for the tracking record
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """A short hash of the labels of every split and the input statistics: equal
+        fingerprints mean the same samples in the same splits, standardised alike."""
+        h = hashlib.sha256()
+        for a in (self.y_train, self.y_val, self.y_test, self.mean, self.std):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(self.name.encode())
+        return h.hexdigest()[:16]
+
+
+def default_root() -> Path:
+    """$MLPLAB_DATA, else the user's cache folder."""
+    env = os.environ.get("MLPLAB_DATA")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlplab"
+
+
+def file_md5(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a `file://` URL or plain path names; None for a remote URL."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter: a path
+        return Path(url).expanduser()
+    return None
+
+
+def _download(url: str, dest: Path) -> None:
+    """Stream `url` to `dest` via `dest.part`, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as err:
+        part.unlink(missing_ok=True)
+        raise DataError(
+            f"could not download CIFAR-10 from {url} ({err}). Provide the archive "
+            f"yourself: put {ARCHIVE_NAME} at {dest}, or set data.url=/path/to/{ARCHIVE_NAME}"
+            " (and data.md5 to its MD5 if it is not the official file)."
+        ) from err
+    part.replace(dest)
+
+
+def _verified_archive(url: str, md5: str, root: Path) -> Path:
+    """A local archive whose MD5 is `md5`: the file `url` names, or a download."""
+    local = _local_path(url)
+    if local is None:
+        local = root / ARCHIVE_NAME
+        if not local.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            _download(url, local)
+    elif not local.exists():
+        raise DataError(f"data.url={url!r}: no such file {local}")
+    actual = file_md5(local)
+    if actual != md5.lower():
+        raise DataError(
+            f"checksum mismatch for {local}: MD5 is {actual}, data.md5 expects {md5}. "
+            "The file is corrupt or partial (delete it to download again), or it is "
+            "another copy: then set data.md5 to its checksum."
+        )
+    return local
+
+
+def cifar10_dir(url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, root=None) -> Path:
+    """The folder of extracted batches for the archive with this MD5, made if needed."""
+    root = Path(root).expanduser() if root else default_root()
+    target = root / md5.lower()
+    if (target / COMPLETE_MARKER).exists():
+        return target / BATCHES_DIR
+    archive = _verified_archive(url, md5, root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        if not (tmp / BATCHES_DIR / "data_batch_1").exists():
+            raise DataError(f"{archive} has no {BATCHES_DIR}/data_batch_1: not CIFAR-10 python")
+        (tmp / COMPLETE_MARKER).write_text(md5)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same extraction first
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / BATCHES_DIR
+
+
+def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch -> images: (n, 3072) uint8 (R, G, B planes), labels: (n,) int64."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    return np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def rows_to_images(rows: np.ndarray, image_shape) -> np.ndarray:
+    """(n, C*H*W) channel planes, the datasets' row layout -> (n, H, W, C) images."""
+    h, w, c = image_shape
+    return rows.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+
+
+def images_to_rows(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, C) images -> (n, C*H*W) channel planes; the inverse of rows_to_images."""
+    images = np.asarray(images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+
+
+def _split_rows(X, y, split: str, n_val: int, batch_sizes: list[int]):
+    """Train/val rows: batch 1 / batch 2, or all batches with the last n_val held out."""
+    if split == "batch1":
+        b1 = batch_sizes[0]
+        return (X[:b1], y[:b1]), (X[b1:b1 + batch_sizes[1]], y[b1:b1 + batch_sizes[1]])
+    return (X[:-n_val], y[:-n_val]), (X[-n_val:], y[-n_val:])
+
+
+def _raw_cifar10(url, md5, root, split):
+    folder = cifar10_dir(url, md5, root)
+    names = ["data_batch_1", "data_batch_2"] if split == "batch1" else [
+        f"data_batch_{i}" for i in range(1, 6)]
+    parts = [load_batch(folder / n) for n in names]
+    X = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    X_test, y_test = load_batch(folder / "test_batch")
+    return X, y, X_test, y_test, [len(p[1]) for p in parts]
+
+
+def _raw_digits(n_val):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    X = (digits.data * (255 / 16)).astype(np.uint8)  # same 0..255 range as CIFAR
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))  # fixed: splits never move
+    X, y = X[order], y[order]
+    n_test = int(len(y) * DIGITS_TEST_FRACTION)
+    return X[n_test:], y[n_test:], X[:n_test], y[:n_test]
+
+
+def standardise(X_train, *others, dtype=np.float32):
+    """Scale every split by the training split's per-dimension mean and std.
+
+    Returns (mean, std, X_train', *others'); constant dimensions get std 1.
+    """
+    mean = X_train.mean(axis=0, dtype=np.float64)
+    std = X_train.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    mean, std = mean.astype(dtype), std.astype(dtype)
+    scaled = []
+    for X in (X_train, *others):
+        Z = X.astype(dtype)  # in place from here on: no float64 copy of the data
+        Z -= mean
+        Z /= std
+        scaled.append(Z)
+    return (mean, std, *scaled)
+
+
+def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
+                 url=CIFAR10_URL, md5=CIFAR10_MD5, root=None, dtype=np.float32) -> Dataset:
+    """Load, split and standardise.
+
+    split "batch1": train on data_batch_1, validate on data_batch_2.
+    split "all": all five batches, the last `n_val` rows held out for validation.
+    `n_train` keeps only the first n training rows (sanity checks, quick tests).
+    Test is always `test_batch`. For "digits" both splits hold out `n_val` rows.
+    """
+    if name not in DATASETS:
+        raise DataError(f"data.name={name!r} is not one of {DATASETS}")
+    if split not in SPLITS:
+        raise DataError(f"data.split={split!r} is not one of {SPLITS}")
+    if name == "cifar10":
+        X, y, X_test, y_test, sizes = _raw_cifar10(url, md5, root, split)
+        shape, classes, source = (32, 32, 3), CIFAR10_CLASSES, url
+    else:
+        X, y, X_test, y_test = _raw_digits(n_val)
+        sizes = [len(y)]
+        split, shape, classes, source = "all", (8, 8, 1), tuple(str(i) for i in range(10)), \
+            "sklearn.datasets.load_digits"
+    if split == "all" and not 0 < n_val < len(y):
+        raise DataError(f"data.n_val={n_val} must be between 1 and {len(y) - 1} "
+                        f"(the {len(y)} rows of the training batches)")
+    (X_tr, y_tr), (X_va, y_va) = _split_rows(X, y, split, n_val, sizes)
+    if n_train is not None:
+        if not 0 < n_train <= len(y_tr):
+            raise DataError(f"data.n_train={n_train} must be between 1 and {len(y_tr)}")
+        X_tr, y_tr = X_tr[:n_train], y_tr[:n_train]
+    mean, std, X_tr, X_va, X_te = standardise(X_tr, X_va, X_test, dtype=dtype)
+    return Dataset(X_tr, y_tr, X_va, y_va, X_te, y_test, mean, std, shape, classes,
+                   name, source)

@@ -1,0 +1,108 @@
+"""Layers as forward/backward pairs.
+
+Every `*_forward` returns `(out, cache)`; the matching `*_backward(dout, cache)` returns
+the gradient with respect to each input, in the order of the forward's arguments.
+Rows are samples: `x: (n, d)`. Arrays keep the dtype they arrive in (float32 for
+training, float64 for gradient checks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BN_EPS = 1e-5  # keeps 1/sqrt(var) finite for units that are constant in a batch
+
+
+def affine_forward(x, W, b=None):
+    """x: (n, d), W: (d, m), b: (m,) or None -> out: (n, m)."""
+    out = x @ W
+    if b is not None:
+        out += b
+    return out, (x, W)
+
+
+def affine_backward(dout, cache, need_dx=True):
+    """dout: (n, m) -> dx: (n, d) or None, dW: (d, m), db: (m,).
+
+    `need_dx=False` skips the largest product of the first layer, whose input
+    gradient nobody uses.
+    """
+    x, W = cache
+    dW = x.T @ dout
+    db = dout.sum(axis=0)
+    dx = dout @ W.T if need_dx else None
+    return dx, dW, db
+
+
+def relu_forward(x):
+    """x: (n, m) -> out: (n, m); the output doubles as the mask for backward."""
+    out = np.maximum(x, 0, out=x)  # in place: the pre-activation is not needed again
+    return out, out
+
+
+def relu_backward(dout, cache):
+    """dout: (n, m) -> dx: (n, m), zero where the unit was off (modifies dout)."""
+    dout[cache <= 0] = 0
+    return dout
+
+
+def batchnorm_forward(x, gamma, beta, *, train, running_mean=None, running_var=None,
+                      momentum=0.9):
+    """Batch normalisation with a learnable scale and shift.
+
+    x: (n, m), gamma, beta: (m,). In training the batch statistics are used and the
+    running averages (updated in place when given) track them:
+    running = momentum * running + (1 - momentum) * batch. At evaluation the running
+    averages are used and nothing is cached.
+    """
+    if train:
+        mean = x.mean(axis=0)
+        var = x.var(axis=0)
+        if running_mean is not None:
+            running_mean *= momentum
+            running_mean += (1 - momentum) * mean
+            running_var *= momentum
+            running_var += (1 - momentum) * var
+    else:
+        mean, var = running_mean, running_var
+    inv_std = 1.0 / np.sqrt(var + BN_EPS)
+    x_hat = (x - mean) * inv_std.astype(x.dtype, copy=False)
+    out = x_hat * gamma + beta
+    return out, ((x_hat, gamma, inv_std) if train else None)
+
+
+def batchnorm_backward(dout, cache):
+    """dout: (n, m) -> dx: (n, m), dgamma: (m,), dbeta: (m,) (training mode only)."""
+    x_hat, gamma, inv_std = cache
+    n = dout.shape[0]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * x_hat).sum(axis=0)
+    # The closed form of the derivative through the batch mean and variance.
+    dx = (gamma * inv_std / n).astype(dout.dtype, copy=False) * (
+        n * dout - dbeta - x_hat * dgamma
+    )
+    return dx, dgamma, dbeta
+
+
+def softmax(scores):
+    """scores: (n, k) -> probabilities: (n, k), computed stably."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def softmax_cross_entropy(scores, y):
+    """Mean cross-entropy of integer labels.
+
+    scores: (n, k), y: (n,) ints -> loss: float, dscores: (n, k).
+    """
+    n = scores.shape[0]
+    probs = softmax(scores)
+    rows = np.arange(n)
+    correct = probs[rows, y]
+    with np.errstate(divide="ignore"):
+        loss = float(-np.log(correct).mean())
+    probs[rows, y] -= 1
+    probs /= n
+    return loss, probs

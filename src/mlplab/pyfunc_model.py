@@ -1,0 +1,57 @@
+"""The trained network as an MLflow pyfunc model.
+
+`mlflow.pyfunc.load_model(uri).predict(images)` takes raw images as they come from the
+dataset, `(n, H, W, C)` uint8 (for CIFAR-10 `(n, 32, 32, 3)`), standardises them with
+the training split's statistics and returns class indices `(n,)` int64.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from mlplab import network
+from mlplab.data import images_to_rows
+from mlplab.network import Network
+
+WEIGHTS = "weights"
+EXAMPLE_ROWS = 2
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.net, extra = network.load(context.artifacts[WEIGHTS])
+        self.mean, self.std = extra["mean"], extra["std"]
+
+    def predict(self, context, model_input, params=None):
+        rows = images_to_rows(model_input).astype(self.net.dtype)
+        rows -= self.mean
+        rows /= self.std
+        return network.predict_scores(self.net, rows).argmax(axis=1).astype(np.int64)
+
+
+def log_model(net: Network, mean, std, example_images: np.ndarray, name: str = "model"):
+    """Log the network with a signature and input example; returns MLflow's ModelInfo."""
+    shape = (-1, *example_images.shape[1:])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "network.npz"
+        network.save(net, weights, mean=mean, std=std)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ImageClassifier(),
+            artifacts={WEIGHTS: str(weights)},
+            signature=signature,
+            input_example=example_images[:EXAMPLE_ROWS],
+            # Named explicitly: inferring requirements re-imports the model (seconds).
+            pip_requirements=["mlplab", f"numpy=={np.__version__}",
+                              f"mlflow=={mlflow.__version__}"],
+        )

@@ -1,0 +1,6 @@
+"""Train one mlplab experiment: python train.py [key=value ...] (see conf/)."""
+
+from mlplab.app import main
+
+if __name__ == "__main__":
+    main()
