@@ -125,7 +125,7 @@ def validate(cfg: DictConfig) -> None:
         _require(s.eta > 0, f"schedule.eta={s.eta}: must be > 0")
         _require(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
     else:
-        _require(0 < s.eta_min, f"schedule.eta_min={s.eta_min}: must be > 0")
+        _require(s.eta_min > 0, f"schedule.eta_min={s.eta_min}: must be > 0")
         _require(s.eta_min <= s.eta_max,
                  f"schedule.eta_min={s.eta_min} > schedule.eta_max={s.eta_max}: "
                  "eta_min must be <= eta_max")

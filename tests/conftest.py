@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny CIFAR-10 archive in the official format, composed configs
+that write to a throw-away MLflow store, and the shared real-data copy (or a skip)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mlplab.app import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = Path(os.environ.get("MLPLAB_SHARED", REPO.parent / "shared")) / \
+    "data" / "cifar-10-python.tar.gz"
+SHARED_MD5 = "1a31069a34cdabb28056001aa2cbcdef"  # of the shared copy; see its README
+TINY_ROWS = 60  # rows per batch in the tiny archive
+
+
+def _batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
+    batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+             b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_cifar_archive(path: Path, rows: int = TINY_ROWS, seed: int = 0) -> str:
+    """Write a CIFAR-10 'python version' archive with `rows` images per batch.
+
+    Labels are learnable: each class has its own mean image, plus noise. Returns the
+    archive's MD5.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 3072))
+    members = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, size=rows)
+        noise = rng.normal(0, 40, size=(rows, 3072))
+        data = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+        members[name] = _batch_pickle(data, labels.tolist(), name)
+    members["batches.meta"] = pickle.dumps(
+        {b"label_names": [b"c%d" % i for i in range(10)], b"num_cases_per_batch": rows},
+        protocol=2)
+    members["readme.html"] = b"<html>tiny test archive</html>"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> tuple[str, str]:
+    """(path, md5) of a tiny archive in the official layout."""
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    return str(path), write_cifar_archive(path)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_cifar, tracking_uri):
+    """Compose the real conf/ with overrides, pointed at the tiny archive, a private
+    data cache and a private MLflow store, and shrunk to run in a moment."""
+
+    def _make(*overrides: str, config_name: str = "config") -> DictConfig:
+        url, md5 = tiny_cifar
+        base = [f"data.url={url}", f"data.md5={md5}", f"data.root={tmp_path / 'data'}",
+                f"tracking.uri={tracking_uri}", "train.progress=false",
+                "train.batch_size=10"]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=base + list(overrides))
+
+    return _make
+
+
+@pytest.fixture
+def shared_cifar() -> tuple[str, str]:
+    """(path, md5) of the real CIFAR-10 copy in ../shared, or skip."""
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"real CIFAR-10 copy not found at {SHARED_ARCHIVE} "
+                    "(set MLPLAB_SHARED to the folder holding data/)")
+    return str(SHARED_ARCHIVE), SHARED_MD5

@@ -1,0 +1,48 @@
+"""End to end: compose the real config, train on tiny data, read the MLflow store back."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from mlplab import data
+from mlplab.app import run_experiment
+
+METRICS = ("train_loss", "train_cost", "train_acc", "val_loss", "val_cost", "val_acc", "lr")
+
+
+def test_run_records_params_stepped_metrics_artifacts_and_a_loadable_model(
+        make_cfg, tracking_uri, tiny_cifar):
+    cfg = make_cfg("model.layers=[8]", "schedule.n_s=6", "schedule.cycles=2",
+                   "tracking.experiment=e2e")
+    outcome = run_experiment(cfg)
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.layers"] == "[8]"
+    assert run.data.params["lam"] == "0.01"
+    assert run.data.params["schedule.n_s"] == "6"
+    for name in METRICS:
+        steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
+        # 2 cycles of 12 steps, 10 evaluation points per cycle rounds to every step
+        assert steps[0] == 0 and steps[-1] == 24 and steps == sorted(steps), name
+    assert run.data.metrics["test_acc"] == pytest.approx(outcome.final["test_acc"])
+    assert outcome.val_acc == pytest.approx(run.data.metrics["final_val_acc"])
+    assert run.data.tags["data_fingerprint"]
+    assert run.inputs.dataset_inputs, "the dataset is logged with mlflow.log_input"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"config.yaml", "curves.png"} <= artifacts
+    assert "class_templates.png" not in artifacts  # only for the 1-layer model
+
+    model_uri = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list")[0].model_uri
+    model = mlflow.pyfunc.load_model(model_uri)
+    url, md5 = tiny_cifar
+    folder = data.cifar10_dir(url, md5, cfg.data.root)
+    rows, labels = data.load_batch(folder / "test_batch")
+    predictions = model.predict(data.rows_to_images(rows, (32, 32, 3)))
+    assert predictions.shape == (len(labels),) and predictions.dtype == np.int64
+    assert np.mean(predictions == labels) == pytest.approx(outcome.final["test_acc"])
