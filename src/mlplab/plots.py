@@ -18,7 +18,7 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
     """Cost, loss and accuracy vs update step, train vs validation, side by side."""
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.6))
-    for ax, (key, label) in zip(axes, CURVES):
+    for ax, (key, label) in zip(axes, CURVES, strict=True):
         for split, style in (("train", "-"), ("val", "--")):
             ax.plot(steps, [r[f"{split}_{key}"] for r in history], style,
                     label="training" if split == "train" else "validation")
@@ -45,7 +45,7 @@ def class_templates(W: np.ndarray, image_shape) -> np.ndarray:
 def plot_class_templates(W: np.ndarray, image_shape, class_names, path) -> None:
     imgs = class_templates(W, image_shape)
     fig, axes = plt.subplots(1, len(imgs), figsize=(1.4 * len(imgs), 1.8))
-    for ax, img, name in zip(axes, imgs, class_names):
+    for ax, img, name in zip(axes, imgs, class_names, strict=True):
         ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
