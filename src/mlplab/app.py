@@ -163,11 +163,18 @@ def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
 
 def _log_datasets(ds: Dataset) -> None:
     import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
 
+    # An explicit source: MLflow's guess for local paths is ambiguous and warns.
+    if ds.source.startswith(("http://", "https://")):
+        source = HTTPDatasetSource(ds.source)
+    else:
+        source = CodeDatasetSource(tags={"uri": ds.source})
     fingerprint = ds.fingerprint()
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         dataset = mlflow.data.from_numpy(
-            getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=ds.source,
+            getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=source,
             name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
         mlflow.log_input(dataset, context=context)
 

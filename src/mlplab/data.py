@@ -97,8 +97,14 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
-def _download(url: str, dest: Path) -> None:
-    """Stream `url` to `dest` via `dest.part`, with a progress bar."""
+def _checksum_error(path: Path, actual: str, expected: str, hint: str) -> DataError:
+    return DataError(f"checksum mismatch for {path}: MD5 is {actual}, data.md5 expects "
+                     f"{expected}. {hint}")
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    """Stream `url` to `dest` with a progress bar. The bytes land in `dest.part` and
+    take the name `dest` only once their MD5 is right."""
     from tqdm.auto import tqdm
 
     part = dest.with_name(dest.name + ".part")
@@ -116,26 +122,31 @@ def _download(url: str, dest: Path) -> None:
             f"yourself: put {ARCHIVE_NAME} at {dest}, or set data.url=/path/to/{ARCHIVE_NAME}"
             " (and data.md5 to its MD5 if it is not the official file)."
         ) from err
+    actual = file_md5(part)
+    if actual != md5:
+        part.unlink()
+        raise _checksum_error(url, actual, md5, "The download is partial or corrupt and "
+                              "was deleted; run again to retry.")
     part.replace(dest)
 
 
 def _verified_archive(url: str, md5: str, root: Path) -> Path:
-    """A local archive whose MD5 is `md5`: the file `url` names, or a download."""
+    """A local archive whose MD5 is `md5`: the file `url` names, or a cached download."""
+    md5 = md5.lower()
     local = _local_path(url)
     if local is None:
         local = root / ARCHIVE_NAME
         if not local.exists():
             root.mkdir(parents=True, exist_ok=True)
-            _download(url, local)
+            _download(url, local, md5)
+            return local
     elif not local.exists():
         raise DataError(f"data.url={url!r}: no such file {local}")
     actual = file_md5(local)
-    if actual != md5.lower():
-        raise DataError(
-            f"checksum mismatch for {local}: MD5 is {actual}, data.md5 expects {md5}. "
-            "The file is corrupt or partial (delete it to download again), or it is "
-            "another copy: then set data.md5 to its checksum."
-        )
+    if actual != md5:
+        raise _checksum_error(local, actual, md5, "The file is corrupt or partial (delete "
+                              "it to download again), or it is another copy: then set "
+                              "data.md5 to its checksum.")
     return local
 
 
@@ -154,6 +165,8 @@ def cifar10_dir(url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, root=None) -> Pa
         if not (tmp / BATCHES_DIR / "data_batch_1").exists():
             raise DataError(f"{archive} has no {BATCHES_DIR}/data_batch_1: not CIFAR-10 python")
         (tmp / COMPLETE_MARKER).write_text(md5)
+        if target.exists() and not (target / COMPLETE_MARKER).exists():
+            shutil.rmtree(target)  # debris: a complete cache arrives with its marker
         try:
             tmp.rename(target)
         except OSError:  # another process finished the same extraction first

@@ -7,7 +7,9 @@ the training split's statistics and returns class indices `(n,)` int64.
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -28,7 +30,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.net, extra = network.load(context.artifacts[WEIGHTS])
         self.mean, self.std = extra["mean"], extra["std"]
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         rows = images_to_rows(model_input).astype(self.net.dtype)
         rows -= self.mean
         rows /= self.std
@@ -42,7 +44,7 @@ def log_model(net: Network, mean, std, example_images: np.ndarray, name: str = "
         inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
         weights = Path(tmp) / "network.npz"
         network.save(net, weights, mean=mean, std=std)
         return mlflow.pyfunc.log_model(
@@ -55,3 +57,16 @@ def log_model(net: Network, mean, std, example_images: np.ndarray, name: str = "
             pip_requirements=["mlplab", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}"],
         )
+
+
+@contextmanager
+def _quiet_mlflow():
+    """Silence MLflow's INFO/WARNING notes while logging our model: the class is our
+    own code, so its advice on pickled classes and input validation is noise."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

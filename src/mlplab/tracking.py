@@ -23,6 +23,10 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 
 T = TypeVar("T")
 
+# MLflow draws a bar for every artifact it reads back (e.g. validating the model's
+# input example); noise in a training log. A user's own setting wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI: given, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in
@@ -169,6 +173,7 @@ def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
     import mlflow
     from mlflow import MlflowClient
 
+    t0 = time.perf_counter()
     uri = resolve_uri(uri)
     mlflow.set_tracking_uri(uri)
     client = with_retries(lambda: MlflowClient(uri), "open the tracking store")
@@ -176,6 +181,7 @@ def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
     active = with_retries(lambda: mlflow.start_run(
         experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
     run = Run(client, active.info.run_id)
+    run.seconds = time.perf_counter() - t0  # opening the store is tracking cost too
     status = "FAILED"
     try:
         yield run

@@ -1,0 +1,59 @@
+"""Bad configuration fails before any training or tracking, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from mlplab.app import run_experiment
+from mlplab.config import ConfigError
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lam=-0.1", "lam=-0.1"),
+    ("train.batch_size=-5", "train.batch_size=-5"),
+    ("train.batch_size=0", "train.batch_size=0"),
+    ("schedule.eta_min=0.5", "eta_min must be <= eta_max"),
+    ("data.n_val=0", "data.n_val=0"),
+    ("data.split=batch9", "data.split='batch9'"),
+    ("data.n_train=0", "data.n_train=0"),
+    ("model.layers=[50,0]", "model.layers=[50, 0]"),
+    ("model.init=glorot", "model.init='glorot'"),
+    ("train.dtype=float16", "train.dtype='float16'"),
+    ("schedule.n_s_k=2", "set exactly one"),
+    ("model.bn_momentum=1.5", "model.bn_momentum=1.5"),
+])
+def test_bad_values_fail_before_anything_is_recorded(make_cfg, tracking_uri, override, message):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_experiment(cfg)
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+def test_batch_larger_than_the_training_split_fails_before_tracking(make_cfg, tracking_uri):
+    cfg = make_cfg("data.n_train=5", "train.batch_size=10")
+    with pytest.raises(ConfigError, match="train.batch_size=10 is larger than the 5"):
+        run_experiment(cfg)
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lam=abc", "lam"),                       # wrong type
+    ("model.layers=[50,x]", "layers"),        # wrong element type
+    ("model.depth=3", "depth"),               # unknown key
+    ("train.batch_size=1.5", "batch_size"),   # float for an int
+    ("bn=maybe", "bn"),
+])
+def test_wrong_types_and_unknown_keys_fail_while_composing(make_cfg, override, message):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(override)
+    assert message in str(err.value) + str(err.value.__cause__)
+
+
+def test_the_default_config_composes_to_the_documented_baseline(make_cfg):
+    cfg = make_cfg()
+    assert list(cfg.model.layers) == [50]
+    assert cfg.schedule.name == "clr" and cfg.schedule.n_s == 500
+    assert cfg.lam == 0.01 and cfg.bn is False and cfg.data.split == "batch1"
