@@ -46,3 +46,18 @@ def test_run_records_params_stepped_metrics_artifacts_and_a_loadable_model(
     predictions = model.predict(data.rows_to_images(rows, (32, 32, 3)))
     assert predictions.shape == (len(labels),) and predictions.dtype == np.int64
     assert np.mean(predictions == labels) == pytest.approx(outcome.final["test_acc"])
+
+
+def test_one_layer_run_logs_the_class_templates_of_W(make_cfg, tracking_uri):
+    cfg = make_cfg("model.layers=[]", "schedule=constant", "schedule.epochs=2",
+                   "tracking.log_model=false")
+    outcome = run_experiment(cfg)
+    artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(outcome.run_id)}
+    assert "class_templates.png" in artifacts
+
+
+def test_run_name_and_extra_tags_reach_the_run(make_cfg, tracking_uri):
+    cfg = make_cfg("tracking.run_name=baseline", "+tags.note=first", "schedule.n_s=3",
+                   "tracking.log_model=false")
+    run = MlflowClient(tracking_uri).get_run(run_experiment(cfg).run_id)
+    assert run.info.run_name == "baseline" and run.data.tags["note"] == "first"

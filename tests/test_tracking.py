@@ -1,0 +1,62 @@
+"""Where runs go, and how the config becomes MLflow params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlplab import tracking
+
+
+def test_uri_defaults_to_mlflow_db_in_the_current_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_environment_then_config_override_the_default(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_uri(None) == "http://127.0.0.1:5000"
+    assert tracking.resolve_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+
+
+def test_sqlite_store_keeps_artifacts_in_mlruns_beside_the_database(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.artifact_location(uri) == (tmp_path / "mlruns").as_uri()
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_nested_config_flattens_to_dotted_params():
+    flat = tracking.flatten({"model": {"layers": [50, 50], "init": "he"}, "lam": 0.01})
+    assert flat == {"model.layers": "[50, 50]", "model.init": "he", "lam": "0.01"}
+
+
+def test_writes_are_retried_while_the_database_is_locked(monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking.with_retries(flaky) == "ok" and len(calls) == 3
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise ValueError("no such column")
+
+    with pytest.raises(ValueError):
+        tracking.with_retries(broken)
+    assert len(calls) == 1
+
+
+def test_git_commit_is_none_outside_a_checkout(tmp_path):
+    assert tracking.git_commit(tmp_path) is None
+    assert tracking.git_commit(Path(__file__).parent)  # this repository
