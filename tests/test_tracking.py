@@ -23,8 +23,9 @@ def test_environment_then_config_override_the_default(monkeypatch):
 
 def test_sqlite_store_keeps_artifacts_in_mlruns_beside_the_database(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.artifact_location(uri) == (tmp_path / "mlruns").as_uri()
-    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+    assert tracking.artifact_location(uri, "dd2424") == (tmp_path / "mlruns/dd2424").as_uri()
+    assert tracking.artifact_location(uri, "a b/c") == (tmp_path / "mlruns/a_b_c").as_uri()
+    assert tracking.artifact_location("http://127.0.0.1:5000", "x") is None
 
 
 def test_nested_config_flattens_to_dotted_params():

@@ -8,6 +8,7 @@ retried when another process holds the database, so parallel trials don't fail.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -39,12 +40,14 @@ def resolve_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
-def artifact_location(uri: str) -> str | None:
-    """For a local SQLite store, `mlruns/` beside the database; a server decides its own."""
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """For a local SQLite store, `mlruns/<experiment>/` beside the database; a server
+    decides its own."""
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None
-    return (Path(uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR).as_uri()
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "default"
+    return (Path(uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR / folder).as_uri()
 
 
 def with_retries(fn: Callable[[], T], what: str = "MLflow write") -> T:
@@ -73,7 +76,7 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
 
     return with_retries(attempt, f"create experiment {name!r}")
 
