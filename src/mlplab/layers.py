@@ -42,7 +42,7 @@ def relu_forward(x):
 
 def relu_backward(dout, cache):
     """dout: (n, m) -> dx: (n, m), zero where the unit was off (modifies dout)."""
-    dout[cache <= 0] = 0
+    dout *= cache > 0
     return dout
 
 
@@ -57,16 +57,18 @@ def batchnorm_forward(x, gamma, beta, *, train, running_mean=None, running_var=N
     """
     if train:
         mean = x.mean(axis=0)
-        var = x.var(axis=0)
+        x_hat = x - mean
+        var = np.einsum("ij,ij->j", x_hat, x_hat) / len(x)  # reuses the centred x
         if running_mean is not None:
             running_mean *= momentum
             running_mean += (1 - momentum) * mean
             running_var *= momentum
             running_var += (1 - momentum) * var
     else:
-        mean, var = running_mean, running_var
+        x_hat = x - running_mean
+        var = running_var
     inv_std = 1.0 / np.sqrt(var + BN_EPS)
-    x_hat = (x - mean) * inv_std.astype(x.dtype, copy=False)
+    x_hat *= inv_std.astype(x.dtype, copy=False)
     out = x_hat * gamma + beta
     return out, ((x_hat, gamma, inv_std) if train else None)
 

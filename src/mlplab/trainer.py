@@ -47,10 +47,11 @@ def sgd_step(net: Network, Xb, yb, eta: float, lam: float) -> float:
     loss, dscores = layers.softmax_cross_entropy(scores, yb)
     grads = network.backward(net, dscores, caches)
     params = net.params
+    decay = 1.0 - 2.0 * eta * lam  # W - eta * (g + 2 lam W), without a temporary
     for name, g in grads.items():
         p = params[name]
-        if name[0] == "W":
-            g += (2 * lam) * p  # gradient of the L2 penalty
+        if name[0] == "W" and lam:
+            p *= decay
         g *= eta
         p -= g
     return loss
