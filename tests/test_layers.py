@@ -82,6 +82,14 @@ def test_softmax_is_stable_for_huge_scores():
     np.testing.assert_allclose(probs.sum(axis=1), 1)
 
 
+def test_softmax_cross_entropy_stays_finite_when_the_correct_probability_underflows():
+    # float32 exp underflows ~104 below the top score; the loss must stay the true ~200
+    scores = np.array([[200.0, 0.0], [0.0, 0.0]], np.float32)
+    loss, dscores = layers.softmax_cross_entropy(scores, np.array([1, 0]))
+    assert loss == pytest.approx((200.0 + np.log(2)) / 2, rel=1e-5)
+    np.testing.assert_allclose(dscores, [[0.5, -0.5], [-0.25, 0.25]], atol=1e-6)
+
+
 def test_layers_keep_float32():
     x = np.ones((2, 3), np.float32)
     out, _ = layers.affine_forward(x, np.ones((3, 2), np.float32), np.zeros(2, np.float32))

@@ -98,13 +98,18 @@ def softmax_cross_entropy(scores, y):
     """Mean cross-entropy of integer labels.
 
     scores: (n, k), y: (n,) ints -> loss: float, dscores: (n, k).
+    The loss is log-sum-exp minus the correct score, not -log(softmax): a correct class
+    scored ~100 below the top (float32) has a probability that underflows to 0, and
+    its log would turn a large but finite loss into inf (a false "diverged").
     """
     n = scores.shape[0]
-    probs = softmax(scores)
     rows = np.arange(n)
-    correct = probs[rows, y]
-    with np.errstate(divide="ignore"):
-        loss = float(-np.log(correct).mean())
+    probs = scores - scores.max(axis=1, keepdims=True)
+    correct = probs[rows, y]  # shifted score of the correct class
+    np.exp(probs, out=probs)
+    sums = probs.sum(axis=1)
+    loss = float(np.mean(np.log(sums) - correct))
+    probs /= sums[:, None]
     probs[rows, y] -= 1
     probs /= n
     return loss, probs
