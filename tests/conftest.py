@@ -84,6 +84,28 @@ def make_cfg(tmp_path, tiny_cifar, tracking_uri):
     return _make
 
 
+TINY_HALF_CYCLE = 20  # steps: short, yet gentle enough that the 9-layer net stays finite
+
+
+@pytest.fixture
+def tiny_experiment(make_cfg):
+    """Compose conf/experiment/<name>.yaml as make_cfg does, shrunk to a few steps:
+    one short cycle or two epochs, 20 validation rows, no model logged."""
+
+    def _make(name: str, *overrides: str) -> DictConfig:
+        cfg = make_cfg(f"experiment={name}", "data.n_val=20", "tracking.log_model=false",
+                       *overrides)
+        if cfg.data.n_train is not None:
+            cfg.data.n_train = min(cfg.data.n_train, TINY_ROWS // 2)
+        if cfg.schedule.name == "clr":
+            cfg.schedule.n_s, cfg.schedule.n_s_k, cfg.schedule.cycles = TINY_HALF_CYCLE, None, 1
+        else:
+            cfg.schedule.epochs = 2
+        return cfg
+
+    return _make
+
+
 @pytest.fixture
 def shared_cifar() -> tuple[str, str]:
     """(path, md5) of the real CIFAR-10 copy in ../shared, or skip."""
