@@ -79,12 +79,27 @@ class TrackingConfig:
 
 
 @dataclass
+class GradcheckConfig:
+    d: int = 20  # first d input dimensions
+    n: int = 10  # first n training samples
+    lam: float | None = None  # None: the top-level lam
+    h: float = 1e-5
+    richardson: bool = True
+    eps: float = 1e-3
+    threshold: float = 1e-6
+    exclude_kinks: bool = True
+    jitter: float = 0.1  # std of noise added to b, gamma, beta (0: check at their init)
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     bn: bool = False
     lam: float = 0.0
     tags: dict[str, str] = field(default_factory=dict)
@@ -135,3 +150,19 @@ def validate(cfg: DictConfig) -> None:
                  "(n_s steps, or n_s_k epochs' worth of steps)")
         _require(s.n_s is None or s.n_s > 0, f"schedule.n_s={s.n_s}: must be > 0")
         _require(s.n_s_k is None or s.n_s_k > 0, f"schedule.n_s_k={s.n_s_k}: must be > 0")
+
+
+def validate_gradcheck(cfg: DictConfig) -> None:
+    """Check the `gradcheck` section (the command also runs `validate`)."""
+    g = cfg.gradcheck
+    _require(g.d > 0, f"gradcheck.d={g.d}: the number of input dimensions must be > 0")
+    _require(g.n > 0, f"gradcheck.n={g.n}: the number of samples must be > 0")
+    _require(not (cfg.bn and g.n == 1),
+             "gradcheck.n=1 with bn=true: batch norm maps a single sample to beta, so "
+             "nothing before it gets a gradient; use n >= 2")
+    _require(g.lam is None or g.lam >= 0,
+             f"gradcheck.lam={g.lam}: must be null (the top-level lam) or >= 0")
+    _require(g.h > 0, f"gradcheck.h={g.h}: the step must be > 0")
+    _require(g.eps > 0, f"gradcheck.eps={g.eps}: must be > 0")
+    _require(g.threshold > 0, f"gradcheck.threshold={g.threshold}: must be > 0")
+    _require(g.jitter >= 0, f"gradcheck.jitter={g.jitter}: must be >= 0")

@@ -8,14 +8,24 @@ here knows about networks; to check one:
     analytic = network.cost_and_grads(net, X, y, lam, update_stats=False)[2]
     rows = compare(analytic, numerical_gradients(f, net.params))
 
-Work in float64: a step of 1e-5 on a float32 entry is mostly rounding.
+Work in float64: a step of 1e-5 on a float32 entry is mostly rounding. Even in
+float64 the numerical gradient is a reference of limited accuracy, and the defaults
+are sized to it (measured on 1- to 9-layer nets, with and without batch norm,
+batches of 1 to 100):
 
-A piecewise-smooth cost (ReLU) has no derivative at a kink, and a centred difference
-whose two sides straddle one measures a mix of two slopes, so its error says nothing
-about the analytic gradient. `kink_crossings` finds those entries from a `piece()`
-that names the smooth piece f is on (e.g. the ReLU on/off pattern), and `compare`
-leaves them out of the statistics and counts them, instead of loosening the
-threshold for every entry.
+- Rounding: f is computed to some tens of ulps, so a centred difference carries an
+  absolute error of ~1e-16 * |f| / h, a few 1e-10 at h = 1e-5. A relative error
+  means nothing for gradients that small, hence the denominator floor `eps`.
+- Truncation: a centred difference errs by ~h^2 f''' / 6. Batch norm on tiny batches
+  (n = 2) has units whose batch variance is below its epsilon; there the cost bends
+  on a scale of ~3e-3 and that error reaches 1e-4. Richardson extrapolation,
+  (4 D(h) - D(2h)) / 3 from the differences D at steps h and 2h, cancels the h^2
+  term.
+- Kinks: ReLU makes the cost piecewise smooth. A difference whose two sides straddle
+  a kink measures a mix of two slopes and says nothing about the analytic gradient.
+  `kink_crossings` finds those entries from a `piece()` naming the smooth piece f is
+  on (e.g. the ReLU on/off pattern); `compare` leaves them out and counts them,
+  rather than loosening the threshold for every entry.
 """
 
 from __future__ import annotations
@@ -25,12 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_H = 1e-5  # step of the centred difference: truncation ~h^2, rounding ~1e-16/h
+DEFAULT_H = 1e-5  # step of the centred difference
 DEFAULT_THRESHOLD = 1e-6  # largest relative error that passes
-# Floor of the relative error's denominator. The numerical gradient carries an
-# absolute rounding error near 1e-16 * |f| / h ~ 1e-11; gradients smaller than the
-# floor are thus judged on absolute error (|g_a - g_n| <= threshold * eps ~ 1e-12).
-DEFAULT_EPS = 1e-6
+# Floor of the relative error's denominator: gradients below it are judged on
+# absolute error, |g_a - g_n| <= threshold * eps = 1e-9, above the few 1e-10 of
+# rounding error in the numerical gradient.
+DEFAULT_EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class Row:
     max_rel_err: float  # max |g_a - g_n| / max(eps, |g_a| + |g_n|)
     max_abs_err: float  # max |g_a - g_n|
     share_ok: float  # share of compared entries with relative error <= threshold
-    n_excluded: int  # entries left out (numerical difference straddled a kink)
+    n_excluded: int  # entries left out (their difference straddled a kink)
     threshold: float
 
     @property
@@ -62,52 +72,63 @@ def _require_float64(params: dict[str, np.ndarray]) -> None:
                              f"(a step of {DEFAULT_H:g} on a float32 entry is mostly rounding)")
 
 
-def _perturbed(p: np.ndarray, h: float, evaluate: Callable[[], object]):
-    """Yield (index, evaluate() at p[index] + h, evaluate() at p[index] - h) for every
-    entry of p, restoring each entry before moving on."""
+def _each_entry(p: np.ndarray, offsets: tuple[float, ...], evaluate: Callable[[], object]):
+    """Yield (index, [evaluate() with p[index] moved by each offset]) for every entry
+    of p, restoring the entry before moving on."""
     for idx in np.ndindex(p.shape):
         old = p[idx]
+        values = []
         try:
-            p[idx] = old + h
-            plus = evaluate()
-            p[idx] = old - h
-            minus = evaluate()
+            for offset in offsets:
+                p[idx] = old + offset
+                values.append(evaluate())
         finally:
             p[idx] = old
-        yield idx, plus, minus
+        yield idx, values
+
+
+def largest_step(h: float = DEFAULT_H, richardson: bool = True) -> float:
+    """How far `numerical_gradients` moves an entry: h, or 2h with Richardson."""
+    return 2 * h if richardson else h
 
 
 def numerical_gradients(f: Callable[[], float], params: dict[str, np.ndarray],
-                        h: float = DEFAULT_H) -> dict[str, np.ndarray]:
-    """(f(p + h e_i) - f(p - h e_i)) / 2h for every entry i of every array in `params`.
+                        h: float = DEFAULT_H, *, richardson: bool = True
+                        ) -> dict[str, np.ndarray]:
+    """Centred differences D(h) = (f(p + h e_i) - f(p - h e_i)) / 2h for every entry i
+    of every array in `params`; with `richardson`, (4 D(h) - D(2h)) / 3 instead.
 
     params: name -> float64 array that `f` reads; perturbed in place and restored.
-    Returns name -> array of the same shape. Costs 2 calls of f per entry.
+    Returns name -> array of the same shape. Costs 2 calls of f per entry (4 with
+    Richardson).
     """
     _require_float64(params)
+    offsets = (h, -h, 2 * h, -2 * h) if richardson else (h, -h)
     grads = {}
     for name, p in params.items():
         g = np.zeros_like(p)
-        for idx, plus, minus in _perturbed(p, h, f):
-            g[idx] = (plus - minus) / (2 * h)
+        for idx, v in _each_entry(p, offsets, f):
+            d_h = (v[0] - v[1]) / (2 * h)
+            g[idx] = (4 * d_h - (v[2] - v[3]) / (4 * h)) / 3 if richardson else d_h
         grads[name] = g
     return grads
 
 
 def kink_crossings(piece: Callable[[], np.ndarray], params: dict[str, np.ndarray],
-                   h: float = DEFAULT_H) -> dict[str, np.ndarray]:
-    """Which entries' centred differences straddle a kink of a piecewise-smooth f.
+                   reach: float) -> dict[str, np.ndarray]:
+    """Which entries' differences straddle a kink of a piecewise-smooth f.
 
     piece() -> array naming the smooth piece f is on at the current params (e.g. the
     boolean on/off pattern of every ReLU). An entry is flagged when piece() at
-    p + h or p - h differs from piece() at p. Returns name -> bool array like params.
+    p +- reach differs from piece() at p; pass `largest_step(h, richardson)`.
+    Returns name -> bool array shaped like each parameter.
     """
     _require_float64(params)
     base = np.asarray(piece())
     crossed = {}
     for name, p in params.items():
         c = np.zeros(p.shape, dtype=bool)
-        for idx, plus, minus in _perturbed(p, h, piece):
+        for idx, (plus, minus) in _each_entry(p, (reach, -reach), piece):
             c[idx] = not (np.array_equal(plus, base) and np.array_equal(minus, base))
         crossed[name] = c
     return crossed
@@ -134,8 +155,9 @@ def compare(analytic: dict[str, np.ndarray], numeric: dict[str, np.ndarray], *,
         g_a = analytic[name]
         if g_a.shape != g_n.shape:
             raise ValueError(f"{name}: analytic gradient shape {g_a.shape} != {g_n.shape}")
-        keep = ~exclude[name] if exclude is not None and name in exclude else \
-            np.ones(g_n.shape, dtype=bool)
+        keep = np.ones(g_n.shape, dtype=bool)
+        if exclude is not None and name in exclude:
+            keep &= ~exclude[name]
         rel = relative_error(g_a[keep], g_n[keep], eps)
         abs_err = np.abs(g_a[keep] - g_n[keep])
         compared = rel.size > 0
@@ -159,6 +181,7 @@ def format_table(rows: list[Row]) -> str:
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         shape = "x".join(map(str, r.shape))
+        result = "ok" if r.ok else "FAIL" if r.n_compared else "FAIL (every entry at a kink)"
         lines.append(f"| {r.name} | {shape} | {r.max_rel_err:.2e} | {r.max_abs_err:.2e} | "
-                     f"{r.share_ok:.1%} | {r.n_excluded} | {'ok' if r.ok else 'FAIL'} |")
+                     f"{r.share_ok:.1%} | {r.n_excluded} | {result} |")
     return "\n".join(lines)
