@@ -1,4 +1,5 @@
-"""Figures: training curves like the reports', and the class templates of a 1-layer W."""
+"""Figures: training curves like the reports', class templates of a 1-layer W, and the
+report's comparisons (runs side by side, the initialisation grid, a search's results)."""
 
 from __future__ import annotations
 
@@ -51,4 +52,80 @@ def plot_class_templates(W: np.ndarray, image_shape, class_names, path) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve_panel(ax, history: list[dict], key: str, ylabel: str) -> None:
+    """Training (solid) and validation (dashed) `key` vs update step on one axis."""
+    steps = [r["step"] for r in history]
+    for split, style in (("train", "-"), ("val", "--")):
+        ax.plot(steps, [r[f"{split}_{key}"] for r in history], style,
+                label="training" if split == "train" else "validation")
+    ax.set_xlabel("update step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def plot_side_by_side(histories: dict[str, list[dict]], path, title: str = "",
+                      curves=(("loss", "loss"), ("acc", "accuracy"))) -> None:
+    """One column per run, one row per curve (shared y scale along a row), so runs
+    that differ in one knob (with vs without BN) compare at a glance."""
+    ncols, nrows = len(histories), len(curves)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows),
+                             sharey="row", squeeze=False)
+    for col, (name, history) in enumerate(histories.items()):
+        for row, (key, label) in enumerate(curves):
+            _curve_panel(axes[row, col], history, key, label)
+        axes[0, col].set_title(name, fontsize=10)
+    axes[0, 0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_curve_grid(grid: dict[tuple[str, str], list[dict]], path, title: str = "",
+                    curve=("loss", "loss")) -> None:
+    """grid: {(row label, column label): history} -> one panel per cell, rows and
+    columns in first-seen order; a missing cell is left blank. For the
+    initialisation grid: rows are the weight std, columns without / with BN."""
+    rows = list(dict.fromkeys(r for r, _ in grid))
+    cols = list(dict.fromkeys(c for _, c in grid))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols), 2.8 * len(rows)),
+                             sharex=True, squeeze=False)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            if (row, col) not in grid:
+                ax.axis("off")
+                continue
+            _curve_panel(ax, grid[row, col], *curve)
+            ax.set_title(f"{row}, {col}", fontsize=10)
+    axes[0, 0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_search(trials: list[dict], param: str, path, title: str = "") -> None:
+    """Objective (validation accuracy) vs a searched parameter, one marker series per
+    stage of a coarse-to-fine search; log x when every value is positive.
+    trials: [{"stage": ..., param: float, "value": float}, ...]."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for stage in dict.fromkeys(t["stage"] for t in trials):
+        pts = sorted((t[param], t["value"]) for t in trials if t["stage"] == stage)
+        ax.plot(*zip(*pts, strict=True), "o-", label=f"stage {stage}", alpha=0.8)
+    if all(t[param] > 0 for t in trials):
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,332 @@
+"""The report: published settings read back from MLflow as one Markdown page with figures.
+
+Runs are grouped by their `setting` tag (every `conf/experiment/*.yaml` sets it to its
+own name). A setting's final train/val/test accuracies are averaged over its finished
+runs and set beside the reference test accuracy its experiment file quotes (tag
+`reference_test_acc`). Figures are redrawn from the metric histories of each setting's
+newest run; the lambda figure comes from the newest sweep (a parent run tagged
+`mlplab.sweep=true` with a `trials.csv` artifact).
+
+`build_report(uri, experiment, out)` writes `out/report.md` and `out/figures/`;
+`log_report` records them as an MLflow run tagged `mlplab.kind=report`. Child runs
+(sweep trials), sweep parents and earlier reports are never counted as settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from mlplab import plots
+
+SETTING_TAG = "setting"
+REFERENCE_TAG = "reference_test_acc"
+KIND_TAG = "mlplab.kind"
+SWEEP_TAG = "mlplab.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+TRIALS_ARTIFACT = "trials.csv"
+ACCURACIES = (("train", "final_train_acc"), ("val", "final_val_acc"), ("test", "test_acc"))
+HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
+                     for key in ("loss", "cost", "acc"))
+FIGURES_DIR = "figures"
+REPORT_FILE = "report.md"
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """A figure of settings in columns, one row per curve."""
+
+    name: str
+    title: str
+    settings: tuple[str, ...]
+    curves: tuple[tuple[str, str], ...] = (("loss", "loss"), ("acc", "accuracy"))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A figure of settings in a grid: cells maps (row label, column label) -> setting."""
+
+    name: str
+    title: str
+    cells: dict[tuple[str, str], str]
+    curve: tuple[str, str] = ("loss", "loss")
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return tuple(self.cells.values())
+
+
+ONE_LAYER = ("one_layer_lam0_eta0.1", "one_layer_lam0_eta0.001", "one_layer_lam0.1_eta0.001",
+             "one_layer_lam1_eta0.001")
+INIT_STDS = ("1e-1", "1e-3", "1e-4")
+FIGURES = (
+    SideBySide("one_layer", "1-layer softmax: lambda and eta", ONE_LAYER,
+               (("cost", "cost"), ("acc", "accuracy"))),
+    SideBySide("two_layer", "2-layer [50], cyclical learning rate",
+               ("two_layer_one_cycle", "two_layer_three_cycles", "two_layer_searched")),
+    SideBySide("three_layer_bn", "3-layer [50, 50]: without vs with batch normalisation",
+               ("three_layer", "three_layer_bn")),
+    SideBySide("nine_layer_bn", "9-layer: without vs with batch normalisation",
+               ("nine_layer", "nine_layer_bn")),
+    Grid("init_sensitivity", "3-layer, weights N(0, std^2): without vs with batch "
+         "normalisation", {(f"std {s}", col): f"init_std{s}{suffix}" for s in INIT_STDS
+                           for col, suffix in (("no BN", ""), ("BN", "_bn"))}),
+)
+# Table order: settings in the order the figures show them, then any others by name.
+KNOWN_ORDER = tuple(s for fig in FIGURES for s in fig.settings)
+
+
+@dataclass
+class Setting:
+    """The runs of one setting, newest first."""
+
+    name: str
+    finished: list[Run] = field(default_factory=list)
+    failed: list[Run] = field(default_factory=list)
+
+    @property
+    def newest(self) -> Run | None:
+        return self.finished[0] if self.finished else None
+
+    @property
+    def reference(self) -> float | None:
+        for run in self.finished + self.failed:
+            if run.data.tags.get(REFERENCE_TAG):
+                return float(run.data.tags[REFERENCE_TAG])
+        return None
+
+    @property
+    def summary(self) -> str:
+        run = self.newest or self.failed[0]
+        return run.data.tags.get("mlplab.summary", "")
+
+    def accuracy(self, metric: str) -> tuple[float, float | None]:
+        """(mean, sample std or None for a single run) of a final metric over the
+        finished runs."""
+        values = [r.data.metrics[metric] for r in self.finished if metric in r.data.metrics]
+        if len(values) < 2:
+            return (values[0] if values else None), None
+        return statistics.fmean(values), statistics.stdev(values)
+
+
+@dataclass
+class Search:
+    """The newest sweep's completed trials: [{"stage", "number", "value", param}]."""
+
+    run: Run
+    experiment: str
+    param: str
+    trials: list[dict]
+
+
+def _all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = ""):
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def load_settings(client: MlflowClient, experiment_id: str) -> dict[str, Setting]:
+    """Finished and failed runs of an experiment grouped by setting tag, newest first."""
+    settings: dict[str, Setting] = {}
+    for run in _all_runs(client, [experiment_id]):
+        tags = run.data.tags
+        name = tags.get(SETTING_TAG)
+        if not name or PARENT_TAG in tags or KIND_TAG in tags or SWEEP_TAG in tags:
+            continue
+        if run.info.status == "FINISHED":
+            settings.setdefault(name, Setting(name)).finished.append(run)
+        elif run.info.status == "FAILED":
+            settings.setdefault(name, Setting(name)).failed.append(run)
+    order = {name: i for i, name in enumerate(KNOWN_ORDER)}
+    return dict(sorted(settings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def load_history(client: MlflowClient, run_id: str) -> list[dict]:
+    """The evaluation points of a run: [{"step": s, "train_loss": ..., ...}] by step."""
+    by_step: dict[int, dict] = {}
+    for key in HISTORY_KEYS:
+        for m in client.get_metric_history(run_id, key):
+            by_step.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [by_step[s] for s in sorted(by_step) if len(by_step[s]) == len(HISTORY_KEYS) + 1]
+
+
+def find_search(client: MlflowClient, experiment: str | None = None) -> Search | None:
+    """The newest sweep parent run (in `experiment`, or in any) that has trials.csv."""
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        experiments = [exp] if exp else []
+    else:
+        experiments = list(client.search_experiments())
+    if not experiments:
+        return None
+    names = {e.experiment_id: e.name for e in experiments}
+    for run in _all_runs(client, list(names), f"tags.`{SWEEP_TAG}` = 'true'"):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, TRIALS_ARTIFACT, tmp)
+            except Exception:  # MLflow raises its own types for a missing artifact
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        params = [c for c in (rows[0] if rows else {}) if c not in
+                  ("stage", "number", "state", "value")]
+        if not params:
+            continue
+        param = "lam" if "lam" in params else params[0]
+        trials = [{"stage": r["stage"], "number": int(r["number"]),
+                   "value": float(r["value"]), param: float(r[param])}
+                  for r in rows if r["state"] == "COMPLETE" and r["value"] not in ("", "nan")]
+        return Search(run, names[run.info.experiment_id], param, trials)
+    return None
+
+
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return ""
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _table(settings: dict[str, Setting]) -> list[str]:
+    lines = ["| setting | model and schedule | runs | train | val | test | reference test "
+             "| test − reference |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in settings.values():
+        ref = s.reference
+        if s.finished:
+            accs = [_pct(*s.accuracy(metric)) for _, metric in ACCURACIES]
+            test = s.accuracy("test_acc")[0]
+            diff = f"{100 * (test - ref):+.1f}" if ref is not None and test is not None else ""
+            runs = str(len(s.finished)) + (f" (+{len(s.failed)} failed)" if s.failed else "")
+        else:  # say why rather than drop the row: a diverged setting is a result too
+            failure = s.failed[0].data.tags.get("failure", "failed").split(" (")[0]
+            accs, diff, runs = [failure, "", ""], "", f"0 of {len(s.failed)}"
+        cells = [f"`{s.name}`", s.summary, runs, *accs, _pct(ref), diff]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def _draw(fig, settings: dict[str, Setting], client: MlflowClient, path: Path) -> bool:
+    """Draw one comparison figure from the newest run of each of its settings that has
+    one; False (nothing drawn) when none has."""
+    history = {name: load_history(client, settings[name].newest.info.run_id)
+               for name in fig.settings if name in settings and settings[name].newest}
+    history = {k: v for k, v in history.items() if v}
+    if not history:
+        return False
+    if isinstance(fig, Grid):
+        cells = {cell: history[name] for cell, name in fig.cells.items() if name in history}
+        plots.plot_curve_grid(cells, path, fig.title, fig.curve)
+    else:
+        plots.plot_side_by_side(history, path, fig.title, fig.curves)
+    return True
+
+
+def _class_templates(client: MlflowClient, settings: dict[str, Setting], figures: Path):
+    """Copy the class-template images of the 1-layer runs: [(setting, file name)]."""
+    found = []
+    for name, s in settings.items():
+        run = s.newest
+        if run is None or not name.startswith("one_layer"):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                src = Path(client.download_artifacts(run.info.run_id,
+                                                     "class_templates.png", tmp))
+            except Exception:  # no such artifact
+                continue
+            dest = figures / f"class_templates_{name}.png"
+            dest.write_bytes(src.read_bytes())
+        found.append((name, dest.name))
+    return found
+
+
+def build_report(uri: str, experiment: str, out, search_experiment: str | None = None
+                 ) -> Path:
+    """Write `out/report.md` and its figures under `out/figures/`; return the .md path.
+
+    A missing experiment, setting or sweep is said in the report, not raised.
+    """
+    client = MlflowClient(uri)
+    out = Path(out)
+    figures = out / FIGURES_DIR
+    figures.mkdir(parents=True, exist_ok=True)
+    exp = client.get_experiment_by_name(experiment)
+    settings = load_settings(client, exp.experiment_id) if exp else {}
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# mlplab report: experiment `{experiment}`", "",
+          f"Generated {now} from `{uri}`.", ""]
+    if not settings:
+        md += [f"No finished runs with a `{SETTING_TAG}` tag in experiment `{experiment}`. "
+               f"Run some first, e.g. `python train.py experiment=three_layer_bn`.", ""]
+    else:
+        n_runs = sum(len(s.finished) for s in settings.values())
+        md += ["## Final accuracy per setting", "",
+               f"Accuracy in %: mean over each setting's finished runs ({n_runs} in all), "
+               "± the standard deviation when there are several. The reference is the test "
+               "accuracy quoted in the setting's `conf/experiment` file. Reproduce a row "
+               "with `python train.py experiment=<setting>`.", "",
+               *_table(settings), ""]
+        md += ["## Figures", "",
+               "Curves of each setting's newest run: training solid, validation dashed.", ""]
+        for fig in FIGURES:
+            path = figures / f"{fig.name}.png"
+            if _draw(fig, settings, client, path):
+                md += [f"### {fig.title}", "", f"![{fig.title}]({FIGURES_DIR}/{path.name})", ""]
+        templates = _class_templates(client, settings, figures)
+        if templates:
+            md += ["### Class templates of the 1-layer W", ""]
+            for name, file in templates:
+                md += [f"`{name}`", "", f"![class templates, {name}]({FIGURES_DIR}/{file})", ""]
+    md += _search_section(client, search_experiment, figures)
+    path = out / REPORT_FILE
+    path.write_text("\n".join(md))
+    return path
+
+
+def _search_section(client: MlflowClient, experiment: str | None, figures: Path) -> list[str]:
+    where = f"experiment `{experiment}`" if experiment else "any experiment"
+    md = ["## Accuracy vs lambda from a search", ""]
+    search = find_search(client, experiment)
+    if search is None:
+        return md + [f"No search found in {where} (a parent run tagged `{SWEEP_TAG}=true` "
+                     f"with a `{TRIALS_ARTIFACT}` artifact). Run one, e.g. "
+                     "`python train.py experiment=two_layer_searched +search=lambda_c2f`.", ""]
+    run_id = search.run.info.run_id
+    md.append(f"Sweep run `{run_id}` in experiment `{search.experiment}`: "
+              f"{len(search.trials)} completed trials.")
+    if search.trials:
+        best = max(search.trials, key=lambda t: t["value"])
+        md[-1] += (f" Best: {search.param} = {best[search.param]:.3g} with validation "
+                   f"accuracy {_pct(best['value'])}% (stage {best['stage']}, trial "
+                   f"{best['number']}).")
+        path = figures / "lambda_search.png"
+        plots.plot_search(search.trials, search.param, path,
+                          f"validation accuracy vs {search.param}")
+        md += ["", f"![accuracy vs {search.param}]({FIGURES_DIR}/{path.name})"]
+    return md + [""]
+
+
+def log_report(uri: str, experiment: str, out) -> str:
+    """Record the report (markdown and figures) as a run tagged mlplab.kind=report in
+    `experiment`; returns its run id."""
+    from mlplab import tracking
+
+    out = Path(out)
+    with tracking.start_run(uri=uri, experiment=experiment, run_name="report",
+                            tags={KIND_TAG: "report"}) as run:
+        run.log_artifact(out / REPORT_FILE)
+        for png in sorted((out / FIGURES_DIR).glob("*.png")):
+            run.log_artifact(png, FIGURES_DIR)
+        return run.run_id

@@ -1,0 +1,158 @@
+"""The report command on a small store: tiny real runs of two published settings, plus
+hand-made runs for the cases training does not produce quickly (seeds, failures,
+sweep trials, sweeps, earlier reports)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from mlflow import MlflowClient
+
+from mlplab import report, tracking
+from mlplab.app import CONF_DIR, run_experiment
+from mlplab.commands import report as report_command
+
+EXPERIMENT = "dd2424"
+
+
+def _fake_run(uri, experiment, tags, metrics=None, status="FINISHED", artifact=None):
+    client = MlflowClient(uri)
+    exp_id = tracking.get_or_create_experiment(client, experiment, uri)
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value, step=0)
+    if artifact:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def _final(train, val, test):
+    return {"final_train_acc": train, "final_val_acc": val, "test_acc": test}
+
+
+def _row(markdown: str, setting: str) -> list[str]:
+    line = next(ln for ln in markdown.splitlines() if ln.startswith(f"| `{setting}` |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def _write_trials(folder, rows):
+    """folder/trials.csv in the sweeper's layout."""
+    folder.mkdir()
+    path = folder / report.TRIALS_ARTIFACT
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["stage", "number", "state", "value", "lam"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def bn_pair(tiny_experiment):
+    """Tiny real runs of three_layer and three_layer_bn: name -> Outcome."""
+    return {name: run_experiment(tiny_experiment(name))
+            for name in ("three_layer", "three_layer_bn")}
+
+
+def test_every_setting_the_report_draws_has_an_experiment_file():
+    files = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    assert set(report.KNOWN_ORDER) <= files
+
+
+def test_report_tables_each_setting_beside_its_reference_and_draws_the_bn_pair(
+        bn_pair, tracking_uri, tmp_path):
+    path = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "out")
+    md = path.read_text()
+
+    for name, reference in (("three_layer", 52.2), ("three_layer_bn", 53.5)):
+        final = bn_pair[name].final
+        cells = _row(md, name)
+        assert cells[2] == "1"  # runs
+        assert cells[3:6] == [f"{100 * final[k]:.1f}" for k in
+                              ("train_acc", "val_acc", "test_acc")]
+        assert cells[6] == f"{reference:.1f}"
+        assert cells[7] == f"{100 * final['test_acc'] - reference:+.1f}"
+    assert "(figures/three_layer_bn.png)" in md
+    assert (tmp_path / "out" / "figures" / "three_layer_bn.png").stat().st_size > 0
+    # no 9-layer runs: no 9-layer figure, rather than an empty one
+    assert not (tmp_path / "out" / "figures" / "nine_layer_bn.png").exists()
+    assert "nine_layer_bn.png" not in md
+
+
+def test_report_averages_seeds_keeps_failed_settings_and_skips_trials_and_reports(
+        tracking_uri, tmp_path):
+    ref = {"reference_test_acc": "0.5"}
+    for test_acc in (0.50, 0.60):
+        _fake_run(tracking_uri, EXPERIMENT, {"setting": "mine", **ref},
+                  _final(0.7, 0.55, test_acc))
+    _fake_run(tracking_uri, EXPERIMENT, {"setting": "mine"}, _final(0.1, 0.1, 0.1),
+              status="FAILED")
+    parent = _fake_run(tracking_uri, EXPERIMENT, {"mlplab.sweep": "true"})
+    _fake_run(tracking_uri, EXPERIMENT, {"setting": "mine", "mlflow.parentRunId": parent},
+              _final(0.9, 0.9, 0.9))  # a sweep trial is not a run of the setting
+    _fake_run(tracking_uri, EXPERIMENT, {"setting": "mine", "mlplab.kind": "report"})
+    _fake_run(tracking_uri, EXPERIMENT, {"setting": "broken", "failure":
+                                         "training diverged at update step 3: cost is nan "
+                                         "(try a smaller learning rate)"}, status="FAILED")
+    _fake_run(tracking_uri, "elsewhere", {"setting": "other"}, _final(0.3, 0.3, 0.3))
+
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path).read_text()
+
+    cells = _row(md, "mine")
+    assert cells[2] == "2 (+1 failed)"
+    assert cells[5] == "55.0 ± 7.1"  # mean and sample std of 50 and 60
+    assert cells[7] == "+5.0"
+    broken = _row(md, "broken")
+    assert broken[2] == "0 of 1"
+    assert broken[3] == "training diverged at update step 3: cost is nan"
+    assert "`other`" not in md  # another experiment's runs stay out
+
+
+def test_report_plots_accuracy_vs_lambda_of_the_newest_search(tracking_uri, tmp_path):
+    old = _write_trials(tmp_path / "old", [
+        {"stage": 0, "number": 0, "state": "COMPLETE", "value": 0.4, "lam": 0.1}])
+    _fake_run(tracking_uri, "search", {"mlplab.sweep": "true"}, artifact=old)
+    new = _write_trials(tmp_path / "new", [
+        {"stage": 0, "number": 0, "state": "COMPLETE", "value": 0.50, "lam": 1e-4},
+        {"stage": 0, "number": 1, "state": "COMPLETE", "value": 0.52, "lam": 3e-3},
+        {"stage": 0, "number": 2, "state": "FAIL", "value": "", "lam": 5e-2},
+        {"stage": 1, "number": 3, "state": "COMPLETE", "value": 0.53, "lam": 2e-3},
+    ])
+    newest = _fake_run(tracking_uri, "search", {"mlplab.sweep": "true"}, artifact=new)
+
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "out").read_text()
+
+    section = md[md.index("## Accuracy vs lambda"):]
+    assert f"Sweep run `{newest}` in experiment `search`: 3 completed trials." in section
+    assert "Best: lam = 0.002 with validation accuracy 53.0% (stage 1, trial 3)" in section
+    assert (tmp_path / "out" / "figures" / "lambda_search.png").stat().st_size > 0
+    # a named experiment without a search: said, not raised
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "named",
+                             search_experiment=EXPERIMENT).read_text()
+    assert f"No search found in experiment `{EXPERIMENT}`" in md
+
+
+def test_report_of_an_empty_store_says_there_are_no_runs(tracking_uri, tmp_path):
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path).read_text()
+    assert f"No finished runs with a `setting` tag in experiment `{EXPERIMENT}`" in md
+    assert "No search found in any experiment" in md
+
+
+def test_report_command_logs_the_report_as_a_run_that_later_reports_ignore(
+        bn_pair, tracking_uri, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["--experiment", EXPERIMENT, "--out", str(out), "--tracking-uri", tracking_uri]
+    report_command.main(argv)
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    [logged] = client.search_runs([exp.experiment_id], "tags.`mlplab.kind` = 'report'")
+    assert logged.info.run_id in capsys.readouterr().out
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == \
+        {"report.md", "figures"}
+    figures = {a.path for a in client.list_artifacts(logged.info.run_id, "figures")}
+    assert "figures/three_layer_bn.png" in figures
+    # a second report counts the same runs: the first report is not a setting
+    report_command.main(argv + ["--no-log"])
+    assert _row((out / "report.md").read_text(), "three_layer")[2] == "1"
