@@ -5,6 +5,7 @@ catch, ReLU kinks it must not blame on the code, and the tracked command."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,29 +53,31 @@ def test_numerical_gradients_match_a_known_gradient_and_restore_every_entry():
     f = lambda: float(np.sum(params["a"] ** 3) + np.sum(np.sin(params["b"])))  # noqa: E731
     before = {k: v.copy() for k, v in params.items()}
 
-    for richardson in (False, True):
-        g = gradcheck.numerical_gradients(f, params, richardson=richardson)
+    for order in (2, 4, 6):
+        g = gradcheck.numerical_gradients(f, params, order=order)
         np.testing.assert_allclose(g["a"], 3 * a**2, rtol=1e-8, atol=1e-9)
         np.testing.assert_allclose(g["b"], np.cos(params["b"]), rtol=1e-8)
     for k in params:
         np.testing.assert_array_equal(params[k], before[k])
 
 
-def test_richardson_removes_the_step_squared_error_of_a_sharply_curved_cost():
-    # exp(x / s) with s = 3e-3 bends as BN does on tiny batches: D(h) errs by ~(h/s)^2 / 6
-    s = 3e-3
+def test_higher_orders_remove_the_step_error_of_a_sharply_curved_cost():
+    # exp(x / s) bends on a scale s, as BN's cost does on batches of 2 (s ~ 3e-3 and
+    # below); order k errs by ~(h / s)^k
+    s = 3e-4
     params = {"x": np.array([0.0])}
     f = lambda: float(np.exp(params["x"][0] / s))  # noqa: E731
-    exact = 1 / s
-    plain = gradcheck.numerical_gradients(f, params, richardson=False)["x"][0]
-    extrapolated = gradcheck.numerical_gradients(f, params, richardson=True)["x"][0]
-    assert abs(plain - exact) / exact > 1e-6
-    assert abs(extrapolated - exact) / exact < 1e-8
+    rel = {order: abs(gradcheck.numerical_gradients(f, params, order=order)["x"][0] * s - 1)
+           for order in (2, 4, 6)}
+    assert rel[2] > 1e-4 and 1e-8 < rel[4] < 1e-6 and rel[6] < 1e-10
+    assert gradcheck.largest_step(1e-5, 6) == pytest.approx(3e-5)
 
 
-def test_float32_parameters_are_refused_with_the_reason():
+def test_float32_parameters_and_unknown_orders_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="float64"):
         gradcheck.numerical_gradients(lambda: 0.0, {"W1": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"order=3: allowed \(2, 4, 6\)"):
+        gradcheck.numerical_gradients(lambda: 0.0, {"W1": np.zeros(3)}, order=3)
 
 
 def test_relative_error_is_floored_by_eps_for_tiny_gradients():
@@ -218,7 +221,7 @@ def test_command_checks_the_composed_config_and_records_table_metrics_and_verdic
     assert [r.name for r in outcome.rows] == ["W1", "gamma1", "beta1", "W2", "gamma2",
                                               "beta2", "W3", "b3"]
     assert outcome.rows[0].shape == (12, 6)
-    assert outcome.summary.startswith("12-6-5-10 +BN, n=7, lam=0.05")
+    assert outcome.summary == "12-6-5-10 +BN, n=7, lam=0.05, h=1e-05, order 6"
     client = MlflowClient(tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -246,6 +249,7 @@ def test_command_checks_the_composed_config_and_records_table_metrics_and_verdic
 
 @pytest.mark.parametrize("override, message", [
     ("gradcheck.h=0", "gradcheck.h=0"),
+    ("gradcheck.order=3", "gradcheck.order=3: allowed (2, 4, 6)"),
     ("gradcheck.n=0", "gradcheck.n=0"),
     ("gradcheck.lam=-1", "gradcheck.lam=-1"),
     ("gradcheck.n=1 bn=true", "n >= 2"),
@@ -255,7 +259,7 @@ def test_command_checks_the_composed_config_and_records_table_metrics_and_verdic
 def test_bad_values_are_refused_naming_the_key_before_anything_is_recorded(
         make_cfg, tmp_path, override, message):
     cfg = make_cfg(*override.split(), config_name="gradcheck")
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         command.run_gradcheck(cfg)
     assert not (tmp_path / "mlflow.db").exists()
 

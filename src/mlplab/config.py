@@ -84,7 +84,7 @@ class GradcheckConfig:
     n: int = 10  # first n training samples
     lam: float | None = None  # None: the top-level lam
     h: float = 1e-5
-    richardson: bool = True
+    order: int = 6
     eps: float = 1e-3
     threshold: float = 1e-6
     exclude_kinks: bool = True
@@ -163,6 +163,7 @@ def validate_gradcheck(cfg: DictConfig) -> None:
     _require(g.lam is None or g.lam >= 0,
              f"gradcheck.lam={g.lam}: must be null (the top-level lam) or >= 0")
     _require(g.h > 0, f"gradcheck.h={g.h}: the step must be > 0")
+    _require(g.order in (2, 4, 6), f"gradcheck.order={g.order}: allowed (2, 4, 6)")
     _require(g.eps > 0, f"gradcheck.eps={g.eps}: must be > 0")
     _require(g.threshold > 0, f"gradcheck.threshold={g.threshold}: must be > 0")
     _require(g.jitter >= 0, f"gradcheck.jitter={g.jitter}: must be >= 0")

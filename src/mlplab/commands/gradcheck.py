@@ -8,7 +8,7 @@ The network of `model` (and `bn`) is built for the first `gradcheck.d` input
 dimensions of the configured dataset's first `gradcheck.n` training samples, in
 float64, with its b, gamma and beta moved off their initial values (gradcheck.jitter).
 Each parameter is judged on its entries whose differences cross no ReLU kink (see
-mlplab.gradcheck for why, and for how eps and Richardson are sized). The table, one
+mlplab.gradcheck for why, and for how eps and the order are sized). The table, one
 row per W, b, gamma and beta, is printed and recorded as an MLflow run tagged
 mlplab.kind=gradcheck: metrics gradcheck.max_rel_err.<param> etc., and the table as
 the artifact gradcheck.md. Exit status: 0 every parameter passes, 1 some parameter
@@ -82,7 +82,7 @@ def move_off_initial_values(net: network.Network, std: float, rng) -> None:
 
 
 def check_network(net: network.Network, X, y, lam: float, *, h: float = gradcheck.DEFAULT_H,
-                  richardson: bool = True, eps: float = gradcheck.DEFAULT_EPS,
+                  order: int = gradcheck.DEFAULT_ORDER, eps: float = gradcheck.DEFAULT_EPS,
                   threshold: float = gradcheck.DEFAULT_THRESHOLD,
                   exclude_kinks: bool = True) -> list[gradcheck.Row]:
     """Check the gradient of the training cost (loss + L2) for every parameter of `net`.
@@ -94,11 +94,11 @@ def check_network(net: network.Network, X, y, lam: float, *, h: float = gradchec
         return network.cost_and_grads(net, X, y, lam, update_stats=False)[1]
 
     analytic = network.cost_and_grads(net, X, y, lam, update_stats=False)[2]
-    numeric = gradcheck.numerical_gradients(cost, net.params, h, richardson=richardson)
+    numeric = gradcheck.numerical_gradients(cost, net.params, h, order=order)
     kinks = None
     if exclude_kinks:
         kinks = gradcheck.kink_crossings(lambda: relu_pattern(net, X), net.params,
-                                         gradcheck.largest_step(h, richardson))
+                                         gradcheck.largest_step(h, order))
     return gradcheck.compare(analytic, numeric, eps=eps, threshold=threshold, exclude=kinks)
 
 
@@ -121,8 +121,7 @@ def reduced_problem(cfg: DictConfig):
 def describe(net: network.Network, cfg: DictConfig, lam: float) -> str:
     g = cfg.gradcheck
     arch = "-".join(map(str, net.sizes)) + (" +BN" if net.bn else "")
-    method = f"h={g.h:g}" + (", Richardson" if g.richardson else "")
-    return f"{arch}, n={g.n}, lam={lam:g}, {method}"
+    return f"{arch}, n={g.n}, lam={lam:g}, h={g.h:g}, order {g.order}"
 
 
 def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
@@ -140,7 +139,7 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
                                rng=np.random.default_rng(init_seed), dtype=np.float64)
     move_off_initial_values(net, g.jitter, np.random.default_rng(jitter_seed))
     summary = describe(net, cfg, lam)
-    rows = check_network(net, X, y, lam, h=g.h, richardson=g.richardson, eps=g.eps,
+    rows = check_network(net, X, y, lam, h=g.h, order=g.order, eps=g.eps,
                          threshold=g.threshold, exclude_kinks=g.exclude_kinks)
     seconds = time.perf_counter() - t_start
     ok = gradcheck.passed(rows)
