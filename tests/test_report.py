@@ -32,9 +32,13 @@ def _final(train, val, test):
     return {"final_train_acc": train, "final_val_acc": val, "test_acc": test}
 
 
-def _row(markdown: str, setting: str) -> list[str]:
-    line = next(ln for ln in markdown.splitlines() if ln.startswith(f"| `{setting}` |"))
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def _row(markdown: str, setting: str) -> dict[str, str]:
+    """The table row of a setting: {column header: cell}."""
+    lines = markdown.splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    header = cells(next(ln for ln in lines if ln.startswith("| setting |")))
+    return dict(zip(header, cells(next(ln for ln in lines
+                                       if ln.startswith(f"| `{setting}` |"))), strict=True))
 
 
 def _write_trials(folder, rows):
@@ -67,12 +71,13 @@ def test_report_tables_each_setting_beside_its_reference_and_draws_the_bn_pair(
 
     for name, reference in (("three_layer", 52.2), ("three_layer_bn", 53.5)):
         final = bn_pair[name].final
-        cells = _row(md, name)
-        assert cells[2] == "1"  # runs
-        assert cells[3:6] == [f"{100 * final[k]:.1f}" for k in
-                              ("train_acc", "val_acc", "test_acc")]
-        assert cells[6] == f"{reference:.1f}"
-        assert cells[7] == f"{100 * final['test_acc'] - reference:+.1f}"
+        row = _row(md, name)
+        assert row["runs"] == "1"
+        assert row["lambda"] == "0.005"
+        for split in ("train", "val", "test"):
+            assert row[split] == f"{100 * final[f'{split}_acc']:.1f}"
+        assert row["reference test"] == f"{reference:.1f}"
+        assert row["test − reference"] == f"{100 * final['test_acc'] - reference:+.1f}"
     assert "(figures/three_layer_bn.png)" in md
     assert (tmp_path / "out" / "figures" / "three_layer_bn.png").stat().st_size > 0
     # no 9-layer runs: no 9-layer figure, rather than an empty one
@@ -99,13 +104,13 @@ def test_report_averages_seeds_keeps_failed_settings_and_skips_trials_and_report
 
     md = report.build_report(tracking_uri, EXPERIMENT, tmp_path).read_text()
 
-    cells = _row(md, "mine")
-    assert cells[2] == "2 (+1 failed)"
-    assert cells[5] == "55.0 ± 7.1"  # mean and sample std of 50 and 60
-    assert cells[7] == "+5.0"
+    row = _row(md, "mine")
+    assert row["runs"] == "2 (+1 failed)"
+    assert row["test"] == "55.0 ± 7.1"  # mean and sample std of 50 and 60
+    assert row["test − reference"] == "+5.0"
     broken = _row(md, "broken")
-    assert broken[2] == "0 of 1"
-    assert broken[3] == "training diverged at update step 3: cost is nan"
+    assert broken["runs"] == "0 of 1"
+    assert broken["train"] == "training diverged at update step 3: cost is nan"
     assert "`other`" not in md  # another experiment's runs stay out
 
 
@@ -155,4 +160,4 @@ def test_report_command_logs_the_report_as_a_run_that_later_reports_ignore(
     assert "figures/three_layer_bn.png" in figures
     # a second report counts the same runs: the first report is not a setting
     report_command.main(argv + ["--no-log"])
-    assert _row((out / "report.md").read_text(), "three_layer")[2] == "1"
+    assert _row((out / "report.md").read_text(), "three_layer")["runs"] == "1"

@@ -107,6 +107,11 @@ class Setting:
         run = self.newest or self.failed[0]
         return run.data.tags.get("mlplab.summary", "")
 
+    @property
+    def lam(self) -> str:
+        run = self.newest or self.failed[0]
+        return run.data.params.get("lam", "")
+
     def accuracy(self, metric: str) -> tuple[float, float | None]:
         """(mean, sample std or None for a single run) of a final metric over the
         finished runs."""
@@ -199,9 +204,9 @@ def _pct(value: float | None, std: float | None = None) -> str:
 
 
 def _table(settings: dict[str, Setting]) -> list[str]:
-    lines = ["| setting | model and schedule | runs | train | val | test | reference test "
-             "| test − reference |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | model and schedule | lambda | runs | train | val | test "
+             "| reference test | test − reference |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in settings.values():
         ref = s.reference
         if s.finished:
@@ -212,7 +217,7 @@ def _table(settings: dict[str, Setting]) -> list[str]:
         else:  # say why rather than drop the row: a diverged setting is a result too
             failure = s.failed[0].data.tags.get("failure", "failed").split(" (")[0]
             accs, diff, runs = [failure, "", ""], "", f"0 of {len(s.failed)}"
-        cells = [f"`{s.name}`", s.summary, runs, *accs, _pct(ref), diff]
+        cells = [f"`{s.name}`", s.summary, s.lam, runs, *accs, _pct(ref), diff]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 
@@ -302,7 +307,7 @@ def _search_section(client: MlflowClient, experiment: str | None, figures: Path)
     if search is None:
         return md + [f"No search found in {where} (a parent run tagged `{SWEEP_TAG}=true` "
                      f"with a `{TRIALS_ARTIFACT}` artifact). Run one, e.g. "
-                     "`python train.py experiment=two_layer_searched +search=lambda_c2f`.", ""]
+                     "`python train.py --multirun +search=lambda_c2f`.", ""]
     run_id = search.run.info.run_id
     md.append(f"Sweep run `{run_id}` in experiment `{search.experiment}`: "
               f"{len(search.trials)} completed trials.")
