@@ -74,7 +74,7 @@ def describe(net: network.Network, schedule) -> str:
     return f"{arch}, {sched}"
 
 
-def _hydra_overrides() -> str | None:
+def hydra_overrides() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -83,7 +83,7 @@ def _hydra_overrides() -> str | None:
         return None
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -109,7 +109,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     t_cfg = cfg.tracking
     tags = {"mlplab.summary": summary, "data_fingerprint": ds.fingerprint(),
             "git_commit": tracking.git_commit(Path(__file__).parent),
-            "hydra_overrides": _hydra_overrides(), **cfg.tags}
+            "hydra_overrides": hydra_overrides(), **cfg.tags}
     uri = tracking.resolve_uri(t_cfg.uri)
     with tracking.start_run(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
                             parent_run_id=t_cfg.parent_run_id) as run:
@@ -202,7 +202,7 @@ def _fail(message: str, code: int):
 def main(cfg: DictConfig) -> float:
     """Hydra entry point. In a multirun a diverged trial returns NaN (recorded as failed
     by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
-    multirun = _in_multirun()
+    multirun = in_multirun()
     try:
         outcome = run_experiment(cfg)
     except (ConfigError, DataError) as err:

@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, gradcheck, network, tracking
-from mlplab.app import CONF_DIR, _hydra_overrides, _in_multirun, build_dataset
+from mlplab.app import CONF_DIR, hydra_overrides, in_multirun, build_dataset
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 
@@ -151,7 +151,7 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         run.set_tags({"mlplab.summary": summary, "data_fingerprint": fingerprint,
                       "git_commit": tracking.git_commit(Path(__file__).parent),
-                      "hydra_overrides": _hydra_overrides(),
+                      "hydra_overrides": hydra_overrides(),
                       "gradcheck.result": "passed" if ok else "failed", **cfg.tags})
         metrics = {"gradcheck.passed": float(ok),
                    "gradcheck.max_rel_err": max((r.max_rel_err for r in rows if r.n_compared),
@@ -191,7 +191,7 @@ def main(cfg: DictConfig) -> bool:
     try:
         outcome = run_gradcheck(cfg)
     except (ConfigError, DataError) as err:
-        if _in_multirun():
+        if in_multirun():
             raise
         print(f"mlplab: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -200,7 +200,7 @@ def main(cfg: DictConfig) -> bool:
           f"{cfg.tracking.experiment!r}): mlflow ui --backend-store-uri "
           f"{outcome.tracking_uri}")
     if not outcome.passed:
-        if _in_multirun():
+        if in_multirun():
             raise GradcheckFailed(outcome.summary)
         sys.exit(1)
     return True
