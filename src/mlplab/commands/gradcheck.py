@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, gradcheck, network, tracking
-from mlplab.app import CONF_DIR, hydra_overrides, in_multirun, build_dataset
+from mlplab.app import CONF_DIR, build_dataset, hydra_overrides, in_multirun
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 
