@@ -123,14 +123,19 @@ def test_report_plots_accuracy_vs_lambda_of_the_newest_search(tracking_uri, tmp_
         {"stage": 0, "number": 1, "state": "COMPLETE", "value": 0.52, "lam": 3e-3},
         {"stage": 0, "number": 2, "state": "FAIL", "value": "", "lam": 5e-2},
         {"stage": 1, "number": 3, "state": "COMPLETE", "value": 0.53, "lam": 2e-3},
+        {"stage": "final", "number": 4, "state": "COMPLETE", "value": 0.56, "lam": 2e-3},
     ])
-    newest = _fake_run(tracking_uri, "search", {"mlplab.sweep": "true"}, artifact=new)
+    newest = _fake_run(tracking_uri, "search", {"mlplab.sweep": "true"},
+                       {"final_test_acc": 0.525}, artifact=new)
 
     md = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "out").read_text()
 
     section = md[md.index("## Accuracy vs lambda"):]
     assert f"Sweep run `{newest}` in experiment `search`: 3 completed trials." in section
+    # the final retrain validates on other rows: reported apart, not the best trial
     assert "Best: lam = 0.002 with validation accuracy 53.0% (stage 1, trial 3)" in section
+    assert ("Final retrain: lam = 0.002, validation accuracy 56.0%, test accuracy 52.5%."
+            in section)
     assert (tmp_path / "out" / "figures" / "lambda_search.png").stat().st_size > 0
     # a named experiment without a search: said, not raised
     md = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "named",

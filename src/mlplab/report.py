@@ -32,6 +32,7 @@ KIND_TAG = "mlplab.kind"
 SWEEP_TAG = "mlplab.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 TRIALS_ARTIFACT = "trials.csv"
+FINAL_STAGE = "final"  # the sweep's retrain of its best trial, a row of trials.csv
 ACCURACIES = (("train", "final_train_acc"), ("val", "final_val_acc"), ("test", "test_acc"))
 HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
                      for key in ("loss", "cost", "acc"))
@@ -123,12 +124,14 @@ class Setting:
 
 @dataclass
 class Search:
-    """The newest sweep's completed trials: [{"stage", "number", "value", param}]."""
+    """The newest sweep's completed search trials: [{"stage", "number", "value", param}],
+    and its final retrain (the best value retrained on more data), if it has one."""
 
     run: Run
     experiment: str
     param: str
     trials: list[dict]
+    final: dict | None = None
 
 
 def _all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = ""):
@@ -192,8 +195,12 @@ def find_search(client: MlflowClient, experiment: str | None = None) -> Search |
         param = "lam" if "lam" in params else params[0]
         trials = [{"stage": r["stage"], "number": int(r["number"]),
                    "value": float(r["value"]), param: float(r[param])}
-                  for r in rows if r["state"] == "COMPLETE" and r["value"] not in ("", "nan")]
-        return Search(run, names[run.info.experiment_id], param, trials)
+                  for r in rows if r["state"] == "COMPLETE"
+                  and r["value"] not in ("", "nan") and r[param] != ""]
+        # the final retrain validates on other rows: not comparable with the stages
+        final = next((t for t in trials if t["stage"] == FINAL_STAGE), None)
+        trials = [t for t in trials if t["stage"] != FINAL_STAGE]
+        return Search(run, names[run.info.experiment_id], param, trials, final)
     return None
 
 
@@ -320,6 +327,11 @@ def _search_section(client: MlflowClient, experiment: str | None, figures: Path)
         plots.plot_search(search.trials, search.param, path,
                           f"validation accuracy vs {search.param}")
         md += ["", f"![accuracy vs {search.param}]({FIGURES_DIR}/{path.name})"]
+    if search.final:
+        test = search.run.data.metrics.get("final_test_acc")
+        md += ["", f"Final retrain: {search.param} = {search.final[search.param]:.3g}, "
+               f"validation accuracy {_pct(search.final['value'])}%"
+               + (f", test accuracy {_pct(test)}%." if test is not None else ".")]
     return md + [""]
 
 
