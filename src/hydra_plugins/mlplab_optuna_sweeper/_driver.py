@@ -1,0 +1,296 @@
+"""One worker's run of a staged search.
+
+    stage 0:  n trials sampled from the space             (study NAME.stage0)
+    stage i:  log intervals narrowed to the best top_k of stage i-1, its own overrides
+    final:    the best trial of the last stage, retrained with the final overrides
+    summary:  trials.csv, plots, best values on the MLflow parent run
+
+Each stage is its own Optuna study (its objective differs: more cycles, other data),
+all in one storage; the study NAME itself only holds the sweep's parent run id. A
+stage ends when its budget is counted and no trial of it is still running anywhere,
+so every worker narrows from the same trials. Trials run in batches of `n_jobs`
+through Hydra's launcher; a failed or diverged trial is told FAIL and the sweep
+goes on. Counting, liveness and budgets: see `_studies`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from hydra.core.override_parser.types import Transformer
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from mlplab import tracking
+from mlplab.config import ConfigError
+
+from . import _space, _studies
+from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
+from ._space import Param
+from ._studies import FAILURE, WORKER, Heartbeat, Ledger
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class Stage:
+    label: str  # "0", "1", ... or "final": the trials' `stage` tag
+    index: int  # position in the sweep: metric step, seed stream
+    n_trials: int
+    overrides: list[str]
+
+    @property
+    def study_suffix(self) -> str:
+        return FINAL if self.label == FINAL else f"stage{self.label}"
+
+
+def plan(s: DictConfig) -> list[Stage]:
+    """The stages the settings describe, the final retrain (if any) last."""
+    stages = list(s.stages) or [OmegaConf.create({"n_trials": None, "overrides": []})]
+    out = []
+    for i, st in enumerate(stages):
+        n = s.n_trials if st.n_trials is None else st.n_trials
+        if n < 1:
+            raise ConfigError(f"hydra.sweeper.stages[{i}].n_trials={n}: must be >= 1")
+        out.append(Stage(str(i), i, n, list(st.overrides)))
+    if s.final is not None:
+        out.append(Stage(FINAL, len(stages), 1, list(s.final.overrides)))
+    return out
+
+
+def check(s: DictConfig) -> None:
+    def require(ok, message):
+        if not ok:
+            raise ConfigError(f"hydra.sweeper.{message}")
+
+    require(s.direction in DIRECTIONS, f"direction={s.direction!r}: allowed {DIRECTIONS}")
+    require(s.n_trials >= 1, f"n_trials={s.n_trials}: must be >= 1")
+    require(s.n_jobs >= 1, f"n_jobs={s.n_jobs}: must be >= 1")
+    require(s.top_k >= 1, f"top_k={s.top_k}: must be >= 1")
+    require(s.margin >= 0, f"margin={s.margin}: must be >= 0 (decades)")
+    require(s.heartbeat_seconds > 0, f"heartbeat_seconds={s.heartbeat_seconds}: must be > 0")
+    require(s.stale_seconds > s.heartbeat_seconds,
+            f"stale_seconds={s.stale_seconds}: must exceed heartbeat_seconds="
+            f"{s.heartbeat_seconds}, or live trials would look stale")
+    _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler, `kill`) stops the sweep like Ctrl-C: running trials are
+    released for a re-run at once instead of waiting to go stale."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Sweep:
+    def __init__(self, settings: DictConfig, config: DictConfig, launcher, validate_batch):
+        check(settings)
+        self.s, self.config, self.launcher = settings, config, launcher
+        self.validate_batch = validate_batch
+        self.maximize = settings.direction == "maximize"
+        self.worker = _studies.worker_id()
+        self.job_idx = 0
+
+    def run(self, arguments: list[str]) -> list[StageRecord]:
+        s = self.s
+        params_conf = [f"{k}={v}" for k, v in (s.params or {}).items()]
+        params, fixed = _space.parse(params_conf + arguments)
+        if not params:
+            raise ConfigError("nothing to search: give hydra.sweeper.params or a sweep "
+                              "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
+        stages = plan(s)
+        storage = _studies.open_storage(s.storage)
+        name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
+        sweep_study, created = _studies.open_study(storage, name, s.direction)
+        self.uri = tracking.resolve_uri(self.config.tracking.uri)
+        parent = ParentRun(self.uri, self.config.tracking.experiment)
+        parent.attach(sweep_study, created, name, _studies.describe_storage(s.storage))
+        log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
+                 _studies.describe_storage(s.storage), self.worker, parent.run_id, self.uri)
+        parent.log_params({
+            "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
+            "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
+            "fixed_overrides": " ".join(fixed),
+            **{f"space.{p.name}": _space.describe(p) for p in params},
+            **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
+        status = "FAILED"
+        try:
+            with _terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
+                records = self._run_stages(stages, params, fixed, storage, name, parent,
+                                           heartbeat)
+            parent.write_summary(records, s.top_k, self.maximize)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            parent.set_status(status)
+        return records
+
+    def _run_stages(self, stages, params, fixed, storage, name, parent, heartbeat):
+        records: list[StageRecord] = []
+        space = params
+        for stage in stages:
+            if stage.label == FINAL:
+                best = records[-1].top(1, self.maximize) if records else []
+                if not best:
+                    log.warning("no completed trial in the last stage: no final retrain")
+                    break
+                space = _space.pinned(params, best[0].params)
+            elif records:
+                top = records[-1].top(self.s.top_k, self.maximize)
+                if not top:
+                    log.warning("stage %s: no completed trial to narrow from; stage %s "
+                                "searches the same space", records[-1].label, stage.label)
+                space = _space.narrow(space, [t.params for t in top], self.s.margin)
+            records.append(self._run_stage(stage, space, fixed, storage, name, parent,
+                                           heartbeat))
+        return records
+
+    def _run_stage(self, stage: Stage, space: list[Param], fixed, storage, name, parent,
+                   heartbeat) -> StageRecord:
+        s = self.s
+        study, created = _studies.open_study(storage, f"{name}.{stage.study_suffix}",
+                                             s.direction)
+        study.sampler = _studies.make_sampler(s.sampler, self._seed(stage, 0))
+        spans = {p.name: _space.describe(p) for p in space}
+        if created:
+            study.set_user_attr("space", spans)
+            study.set_user_attr("overrides", stage.overrides)
+        parent.log_params({f"{stage.study_suffix}.n_trials": stage.n_trials,
+                           **{f"{stage.study_suffix}.space.{k}": v for k, v in spans.items()}})
+        log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
+                 ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
+        ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_killed(
+            stage.label, [t.number for t in trials]))
+        said_waiting = False
+        while True:
+            counted = ledger.counted()
+            todo = stage.n_trials - len(counted)
+            if todo > 0:
+                self._run_batch(stage, study, ledger, space, fixed, parent, heartbeat,
+                                min(todo, s.n_jobs))
+                continue
+            running = [t for t in counted if t.state == TrialState.RUNNING]
+            if not running:
+                break
+            if not said_waiting:
+                log.info("stage %s: budget taken; waiting for %d trial(s) running "
+                         "elsewhere", stage.label, len(running))
+                said_waiting = True
+            time.sleep(min(s.heartbeat_seconds, POLL_SECONDS))
+        record = StageRecord(stage.label, space, ledger.finished())
+        best = record.top(1, self.maximize)
+        log.info("stage %s done: %d complete, %d failed%s", stage.label,
+                 len(record.complete()), len(record.trials) - len(record.complete()),
+                 f"; best {best[0].value:.4f} at {best[0].params}" if best else "")
+        return record
+
+    def _seed(self, stage: Stage, number: int) -> int | None:
+        return None if self.s.seed is None else \
+            _studies.trial_seed(self.s.seed, stage.index, number)
+
+    def _run_batch(self, stage, study, ledger, space, fixed, parent, heartbeat, size):
+        asked, told = [], set()
+        try:
+            for _ in range(size):
+                if self.s.seed is not None:  # seeded by the number this trial will get
+                    n_next = len(study.get_trials(deepcopy=False))
+                    study.sampler = _studies.make_sampler(self.s.sampler,
+                                                          self._seed(stage, n_next))
+                trial = study.ask()
+                trial.set_user_attr(WORKER, self.worker)
+                heartbeat.add(trial)
+                asked.append(trial)
+                _space.suggest(trial, space)
+            allowed = {t.number for t in ledger.counted()[:stage.n_trials]}
+            batch = [t for t in asked if t.number in allowed]
+            for trial in asked:
+                if trial.number not in allowed:  # another worker took the last slots
+                    log.info("stage %s: trial %d is over the budget; dropped", stage.label,
+                             trial.number)
+                    self._tell_uncounted(study, trial, heartbeat)
+                    told.add(trial.number)
+            if not batch:
+                return
+            overrides = [self._overrides(stage, t, space, fixed, parent) for t in batch]
+            self.validate_batch(overrides)
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            for trial, ret in zip(batch, returns, strict=True):
+                self._tell(stage, study, trial, ret, parent)
+                heartbeat.remove(trial)
+                told.add(trial.number)
+        except BaseException:
+            # interrupted (Ctrl-C) or a config error: these trials did not run to an
+            # outcome, so they leave the budget and a re-run replaces them
+            unfinished = [t for t in asked if t.number not in told]
+            for trial in unfinished:
+                self._tell_uncounted(study, trial, heartbeat)
+            try:
+                parent.mark_killed(stage.label, [t.number for t in unfinished])
+            except Exception as err:
+                log.warning("could not mark interrupted child runs KILLED: %s", err)
+            raise
+
+    @staticmethod
+    def _tell_uncounted(study, trial, heartbeat) -> None:
+        heartbeat.remove(trial)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _overrides(self, stage: Stage, trial, space: list[Param], fixed, parent) -> list[str]:
+        return [*fixed, *stage.overrides,
+                *(p.override(trial.params[p.name]) for p in space),
+                f"tracking.uri={Transformer.str(self.uri)}",
+                f"tracking.parent_run_id={parent.run_id}",
+                f"tracking.run_name={run_name(stage.label, trial.number)}",
+                f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
+
+    def _tell(self, stage: Stage, study, trial, ret, parent) -> None:
+        failure = None
+        try:
+            value = float(ret.return_value)  # re-raises the job's exception
+        except Exception as err:
+            failure = f"{type(err).__name__}: {err}"
+        else:
+            if not math.isfinite(value):
+                failure = f"diverged: the objective is {value}"
+        try:
+            if failure is None:
+                if stage.label == FINAL:
+                    test_acc = parent.test_accuracy(FINAL, trial.number)
+                    if test_acc is not None:
+                        trial.set_user_attr(TEST_ACC, test_acc)
+                study.tell(trial, value)
+                log.info("stage %s trial %d: %s -> %.4f", stage.label, trial.number,
+                         trial.params, value)
+                return
+            trial.set_user_attr(FAILURE, failure[:MAX_TAG_LENGTH])
+            study.tell(trial, state=TrialState.FAIL)
+        except Exception as err:  # failed as stale by another worker meanwhile
+            log.warning("stage %s trial %d: result not recorded (%s)", stage.label,
+                        trial.number, err)
+            return
+        log.warning("stage %s trial %d FAILED: %s -> %s", stage.label, trial.number,
+                    trial.params, failure.splitlines()[0])
+        parent.record_failure(stage.label, trial, trial.params, failure)

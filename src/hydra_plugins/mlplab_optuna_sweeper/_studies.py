@@ -1,0 +1,193 @@
+"""Optuna storage shared by workers: opening studies, counting the budget, liveness.
+
+Several workers (processes, machines) may run the same sweep against one storage,
+and a worker may be interrupted and re-run. The rules that keep that consistent:
+
+- A trial *counts* towards a stage's budget if it is COMPLETE, FAIL with a recorded
+  `failure` (the job failed or diverged: a real outcome), or RUNNING and alive.
+- RUNNING trials are alive while their worker writes a `heartbeat` user attribute;
+  one silent for `stale_seconds` belongs to a worker that was killed: it is failed
+  without a `failure` attribute, so it stops counting and is replaced.
+- Trial numbers are handed out by the storage in order, so "the first n counted
+  trials by number" is the same set for every worker: a worker whose fresh trial
+  falls outside it abandons that trial (FAIL, uncounted) instead of overrunning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mlplab.config import ConfigError
+from mlplab.tracking import with_retries
+
+log = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "journal:"
+SQLITE_TIMEOUT_SECONDS = 60  # how long SQLite waits for another worker's write lock
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler",
+            "gp": "GPSampler", "cmaes": "CmaEsSampler"}
+FAILURE, HEARTBEAT, WORKER = "failure", "heartbeat", "worker"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    """None: in memory; journal:PATH: a journal file; anything else: an RDB URL."""
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    if "://" not in url:
+        raise ConfigError(f"hydra.sweeper.storage={url!r}: allowed null, journal:PATH, or a "
+                          "database URL such as sqlite:///optuna.db or postgresql://...")
+    kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}} \
+        if url.startswith("sqlite") else {}
+    # several workers may create the schema at once: "already exists" is retried
+    return with_retries(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs),
+                        "open the Optuna storage")
+
+
+def describe_storage(url: str | None) -> str:
+    """The storage URL without a password, for logs and MLflow."""
+    if url is None:
+        return "in memory"
+    if url.startswith(JOURNAL_PREFIX):
+        return JOURNAL_PREFIX + str(Path(url[len(JOURNAL_PREFIX):]).expanduser().resolve())
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name not in SAMPLERS:
+        raise ConfigError(f"hydra.sweeper.sampler={name!r}: allowed {sorted(SAMPLERS)}")
+    return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
+
+
+def trial_seed(seed: int, stage: int, number: int) -> int:
+    """A sampler seed per (sweep seed, stage, trial number): a re-run or a second
+    worker doesn't replay the first one's draws, and one worker is reproducible."""
+    return int(np.random.SeedSequence([seed, stage, number]).generate_state(1)[0])
+
+
+def open_study(storage, name: str, direction: str) -> tuple[optuna.Study, bool]:
+    """Load the study `name`, or create it; True when this worker created it."""
+
+    def attempt():
+        try:
+            return optuna.create_study(storage=storage, study_name=name,
+                                       direction=direction), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(storage=storage, study_name=name), False
+
+    return with_retries(attempt, f"open study {name!r}")
+
+
+def _last_sign_of_life(t: FrozenTrial) -> float:
+    beat = t.user_attrs.get(HEARTBEAT)
+    if beat is not None:
+        return float(beat)
+    return t.datetime_start.timestamp() if t.datetime_start else 0.0
+
+
+class Ledger:
+    """What counts in one study, read fresh from the storage on each call.
+    `on_stale(trials)` hears of the trials it failed as stale."""
+
+    def __init__(self, study: optuna.Study, stale_seconds: float, on_stale=None):
+        self.study, self.stale_seconds = study, stale_seconds
+        self.on_stale = on_stale
+
+    def trials(self) -> list[FrozenTrial]:
+        """All trials, after failing the stale ones (so they no longer count)."""
+        trials = self.study.get_trials(deepcopy=False)
+        now = time.time()
+        stale = [t for t in trials if t.state == TrialState.RUNNING
+                 and now - _last_sign_of_life(t) >= self.stale_seconds]
+        for t in stale:
+            log.warning("trial %d of %s: no heartbeat for %.0f s, its worker stopped; "
+                        "failing it (not counted, it will be replaced)", t.number,
+                        self.study.study_name, now - _last_sign_of_life(t))
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if not stale:
+            return trials
+        if self.on_stale is not None:
+            self.on_stale(stale)
+        return self.study.get_trials(deepcopy=False)
+
+    @staticmethod
+    def counts(t: FrozenTrial) -> bool:
+        return (t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+                or (t.state == TrialState.FAIL and FAILURE in t.user_attrs))
+
+    def counted(self, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:
+        trials = self.trials() if trials is None else trials
+        return sorted((t for t in trials if self.counts(t)), key=lambda t: t.number)
+
+    def finished(self) -> list[FrozenTrial]:
+        """Counted trials that are done: the stage's record."""
+        return [t for t in self.counted() if t.state != TrialState.RUNNING]
+
+
+class Heartbeat:
+    """A thread that stamps this worker's running trials every `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._trials: dict[int, optuna.Trial] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlplab-heartbeat",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, trial: optuna.Trial) -> None:
+        self._beat(trial)
+        with self._lock:
+            self._trials[id(trial)] = trial
+
+    def remove(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._trials.pop(id(trial), None)
+
+    def _run(self):
+        while not self._stop.wait(self.seconds):
+            with self._lock:
+                trials = list(self._trials.values())
+            for trial in trials:
+                self._beat(trial)
+
+    @staticmethod
+    def _beat(trial: optuna.Trial) -> None:
+        try:
+            trial.set_user_attr(HEARTBEAT, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told meanwhile: nothing left to keep alive
+        except Exception as err:  # the storage is busy or away: try again next time
+            log.warning("heartbeat of trial %d failed: %s", trial.number, err)

@@ -1,0 +1,49 @@
+"""The sweeper's config schema, registered as `hydra/sweeper=mlplab_optuna`.
+
+Every key can be set from the command line (`hydra.sweeper.n_trials=30`) or from a
+search file under conf/search/.
+"""
+
+# no `from __future__ import annotations`: Hydra's plugin scan runs this module before
+# it is in sys.modules, where dataclasses would look string annotations up
+from dataclasses import dataclass, field
+from typing import Any  # noqa: UP035 (OmegaConf reads these)
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class StageConf:
+    n_trials: int | None = None  # trials in this stage; null: the sweeper's n_trials
+    overrides: list[str] = field(default_factory=list)  # extra overrides, e.g. schedule.cycles=4
+
+
+@dataclass
+class FinalConf:
+    overrides: list[str] = field(default_factory=list)  # e.g. data.n_val=1000 schedule.cycles=3
+
+
+@dataclass
+class MlplabOptunaSweeperConf:
+    _target_: str = "hydra_plugins.mlplab_optuna_sweeper.sweeper.MlplabOptunaSweeper"
+    direction: str = "maximize"  # maximize | minimize the task's return value
+    sampler: str = "tpe"  # tpe | random | qmc | gp | cmaes (optuna.samplers)
+    seed: int | None = None  # sampler seed; null: a fresh one each run
+    n_trials: int = 20  # trials of a one-stage search, or of stages that don't say
+    n_jobs: int = 1  # trials per launcher batch (run in parallel by e.g. joblib)
+    # null: in memory (no resume); sqlite:///optuna.db, postgresql://...: a database;
+    # journal:PATH: Optuna's journal file (safe for several local workers)
+    storage: str | None = None
+    study_name: str | None = None  # null: a new name each run (no resume)
+    # the search space, Hydra's sweep syntax: lam: tag(log, interval(1e-5, 1e-1))
+    params: dict[str, Any] = field(default_factory=dict)
+    stages: list[StageConf] = field(default_factory=list)  # []: one stage of n_trials
+    top_k: int = 3  # the next stage searches the log range spanned by the best top_k
+    margin: float = 0.0  # ... widened by this many decades on each side
+    final: FinalConf | None = None  # retrain the best trial with these overrides
+    heartbeat_seconds: float = 10.0  # how often a worker marks its running trials alive
+    stale_seconds: float = 60.0  # a running trial silent this long was interrupted
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="mlplab_optuna",
+                             node=MlplabOptunaSweeperConf, provider="mlplab")

@@ -1,0 +1,45 @@
+"""The Hydra plugin: `hydra/sweeper=mlplab_optuna`.
+
+Hydra imports this module whenever it starts, so it stays light: the search itself
+(Optuna, MLflow) lives in `_driver` and is imported only when a sweep runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from .config import MlplabOptunaSweeperConf  # noqa: F401  (registers the config)
+
+
+class MlplabOptunaSweeper(Sweeper):
+    """Staged Optuna search over Hydra overrides; see `_driver.Sweep` for the rules."""
+
+    def __init__(self, **settings: Any) -> None:
+        settings.pop("_target_", None)
+        self.settings = OmegaConf.create(settings)  # keys as in config.MlplabOptunaSweeperConf
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from ._driver import Sweep
+
+        assert self.config is not None and self.launcher is not None
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        return Sweep(self.settings, self.config, self.launcher,
+                     self.validate_batch_is_legal).run(list(arguments))

@@ -1,0 +1,318 @@
+"""The coarse-to-fine sweeper (hydra/sweeper=mlplab_optuna): the shipped search
+composed from conf/ and shrunk to tiny data, run in-process or as real workers."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.mlplab_optuna_sweeper import _space
+from mlplab import trainer
+from mlplab.app import CONF_DIR, main
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = "c2f"
+
+
+# --- the search space and narrowing ---------------------------------------------------
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions_and_fixed_overrides_pass_through():
+    params, fixed = _space.parse([
+        "lam=tag(log, interval(1e-5, 1e-1))", "x=interval(0, 1)", "n=int(interval(8, 64))",
+        "w=int(tag(log, interval(8, 512)))", "k=range(8, 64, 8)",
+        "model.layers=choice([50], [50,50])", "+search=lambda_c2f", "model.init=xavier"])
+    d = {p.name: p.distribution for p in params}
+    assert d["lam"] == FloatDistribution(1e-5, 1e-1, log=True)
+    assert d["x"] == FloatDistribution(0.0, 1.0)
+    assert d["n"] == IntDistribution(8, 64)
+    assert d["w"] == IntDistribution(8, 512, log=True)
+    assert d["k"] == IntDistribution(8, 56, step=8)  # Hydra's range excludes its stop
+    assert isinstance(d["model.layers"], CategoricalDistribution)
+    layers = next(p for p in params if p.name == "model.layers")
+    assert layers.override("[50,50]") == "model.layers=[50,50]"  # a list again, not a string
+    assert fixed == ["+search=lambda_c2f", "model.init=xavier"]
+
+
+def test_a_later_override_of_a_searched_key_wins_so_the_command_line_beats_the_search_file():
+    params, fixed = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))", "lam=0.01"])
+    assert params == [] and fixed == ["lam=0.01"]
+    params, _ = _space.parse(["lam=0.01", "lam=interval(0.1, 0.2)"])
+    assert params[0].distribution == FloatDistribution(0.1, 0.2)
+
+
+def test_narrowing_spans_the_best_values_of_log_parameters_widened_by_the_margin():
+    params, _ = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))", "x=interval(0, 1)"])
+    best = [{"lam": 1e-3, "x": 0.2}, {"lam": 4e-3, "x": 0.9}, {"lam": 2e-3, "x": 0.5}]
+    exact = {p.name: p.distribution for p in _space.narrow(params, best, margin=0.0)}
+    assert (exact["lam"].low, exact["lam"].high) == (1e-3, 4e-3) and exact["lam"].log
+    assert exact["x"] == FloatDistribution(0.0, 1.0)  # linear parameters keep their range
+    wide = {p.name: p.distribution for p in _space.narrow(params, best, margin=1.0)}
+    assert wide["lam"].low == pytest.approx(1e-4) and wide["lam"].high == pytest.approx(4e-2)
+    clipped = _space.narrow(params, best, margin=3.0)[0].distribution
+    assert (clipped.low, clipped.high) == (1e-5, 1e-1)  # never beyond the previous stage
+
+
+def test_the_shipped_search_composes_the_reports_protocol():
+    import mlplab.app  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+search=lambda_c2f"], return_hydra_config=True)
+    assert (cfg.data.split, cfg.data.n_val) == ("all", 5000)  # 45,000 train / 5,000 val
+    assert (cfg.schedule.n_s, cfg.schedule.n_s_k, cfg.schedule.cycles) == (None, 2, 2)
+    s = cfg.hydra.sweeper
+    assert s._target_.endswith("MlplabOptunaSweeper")
+    assert s.params.lam == "tag(log, interval(1e-5, 1e-1))"
+    assert [st.n_trials for st in s.stages] == [10, 8] and s.top_k == 3
+    assert "data.n_val=1000" in s.final.overrides
+
+
+# --- sweeps on tiny data --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema made: creating it takes seconds."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, empty_mlflow_db) -> str:
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _overrides(tmp_path, tiny_cifar, tracking_uri, *extra, storage="journal"):
+    url, md5 = tiny_cifar
+    store = {"journal": f"journal:{tmp_path / 'optuna.log'}",
+             "sqlite": f"sqlite:///{tmp_path / 'optuna.db'}"}[storage]
+    return ["+search=lambda_c2f", f"data.url={url}", f"data.md5={md5}",
+            f"data.root={tmp_path / 'data'}", "data.n_val=30", "train.batch_size=10",
+            "model.layers=[8]", "schedule.n_s=6", "schedule.n_s_k=null",
+            f"tracking.uri={tracking_uri}", f"hydra.sweeper.storage={store}",
+            f"hydra.sweeper.study_name={STUDY}", "hydra.sweeper.heartbeat_seconds=0.5",
+            "hydra.sweeper.stale_seconds=5",
+            "hydra.sweeper.final.overrides=['data.n_val=20','schedule.cycles=3']", *extra]
+
+
+def _sweep(monkeypatch, tmp_path, overrides, run_dir="multirun"):
+    """`python train.py --multirun ...` in this process, from tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--multirun",
+                                      f"hydra.sweep.dir={tmp_path / run_dir}", *overrides])
+    main()
+
+
+def _studies(tmp_path, storage="journal"):
+    store = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "optuna.log"))) if storage == "journal"
+        else f"sqlite:///{tmp_path / 'optuna.db'}")
+    names = optuna.study.get_all_study_names(store)
+    return {n[len(STUDY) + 1:] or "sweep": optuna.load_study(study_name=n, storage=store)
+            for n in names}
+
+
+def _counted(study):
+    return [t for t in study.trials if t.state == TrialState.COMPLETE
+            or (t.state == TrialState.FAIL and "failure" in t.user_attrs)]
+
+
+def _parent_and_children(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mlplab.sweep") == "true"]
+    assert len(parents) == 1, "every worker and re-run attaches to one parent run"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_stage_two_searches_the_span_of_stage_ones_best_and_mlflow_nests_every_trial(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    # trials in pairs on the joblib launcher, studies in an SQLite database
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.top_k=2",
+        "hydra.sweeper.params.lam='tag(log, interval(1e-4, 30))'",
+        "hydra.sweeper.stages.0.n_trials=5", "hydra.sweeper.stages.1.n_trials=3",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+        storage="sqlite"))
+
+    studies = _studies(tmp_path, "sqlite")
+    stage0, stage1, final = studies["stage0"], studies["stage1"], studies["final"]
+    assert (len(_counted(stage0)), len(_counted(stage1)), len(_counted(final))) == (5, 3, 1)
+    top = sorted(stage0.get_trials(states=[TrialState.COMPLETE]),
+                 key=lambda t: (-t.value, t.number))[:2]  # ties: the earlier trial
+    low, high = sorted(t.params["lam"] for t in top)
+    assert all(low <= t.params["lam"] <= high for t in stage1.trials)
+    assert high / low < 30 / 1e-4, "stage 1 searches a narrower range"
+    best = max(stage1.get_trials(states=[TrialState.COMPLETE]), key=lambda t: t.value)
+    assert final.trials[0].params["lam"] == best.params["lam"]
+
+    client, parent, children = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlplab.study"] == STUDY
+    assert sorted((r.data.tags["stage"], int(r.data.tags["trial"])) for r in children) == \
+        [("0", n) for n in range(5)] + [("1", n) for n in range(3)] + [("final", 0)]
+    assert all(r.info.status == "FINISHED" for r in children)
+    final_run = next(r for r in children if r.data.tags["stage"] == "final")
+    assert final_run.data.params["data.n_val"] == "20"  # the final overrides reached it
+    assert parent.data.metrics["final_test_acc"] == final_run.data.metrics["test_acc"]
+    assert parent.data.metrics["best_lam"] == best.params["lam"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "accuracy_vs_lam_stage0.png", "accuracy_vs_lam_stage1.png"} <= artifacts
+    with open(client.download_artifacts(parent.info.run_id, "trials.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["stage", "number", "state", "value", "lam"]
+    assert [r["stage"] for r in rows] == ["0"] * 5 + ["1"] * 3 + ["final"]
+
+
+def test_failing_and_diverging_trials_are_recorded_failed_and_the_sweep_goes_on(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    # eta_max=1e6 diverges (the app returns NaN); a batch larger than the data raises
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "schedule.eta_max=choice(0.1, 1e6)",
+        "train.batch_size=choice(10, 100000)", "hydra.sweeper.stages=[{n_trials: 8}]",
+        "hydra.sweeper.final=null"))
+
+    stage = _studies(tmp_path)["stage0"]
+    assert len(_counted(stage)) == 8, "failures count towards the budget"
+    failures = [t.user_attrs["failure"] for t in stage.trials if t.state == TrialState.FAIL]
+    assert any("diverged" in f for f in failures)
+    assert any("ConfigError" in f and "batch_size" in f for f in failures)
+    assert stage.get_trials(states=[TrialState.COMPLETE]), "good trials after failed ones"
+
+    _, parent, children = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED"
+    by_trial = {int(r.data.tags["trial"]): r for r in children}
+    assert sorted(by_trial) == list(range(8))
+    for t in stage.trials:
+        run = by_trial[t.number]
+        assert run.info.status == ("FAILED" if t.state == TrialState.FAIL else "FINISHED")
+        if t.state == TrialState.FAIL:
+            assert run.data.tags["failure"]
+
+
+def test_a_rerun_after_ctrl_c_keeps_finished_trials_and_only_runs_the_rest(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri,
+                           "hydra.sweeper.stages=[{n_trials: 4}]", "hydra.sweeper.final=null")
+    real_train, calls = trainer.train, []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", interrupted_third)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(monkeypatch, tmp_path, overrides)
+    before = {t.number: (t.params, t.value) for t in _counted(_studies(tmp_path)["stage0"])}
+    assert sorted(before) == [0, 1]
+    _, parent, children = _parent_and_children(tracking_uri)
+    assert parent.info.status == "KILLED"
+    assert {r.data.tags["trial"]: r.info.status for r in children} == \
+        {"0": "FINISHED", "1": "FINISHED", "2": "KILLED"}
+
+    monkeypatch.setattr(trainer, "train", real_train)
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="multirun2")
+    stage = _studies(tmp_path)["stage0"]
+    after = {t.number: (t.params, t.value) for t in _counted(stage)}
+    assert len(after) == 4, "the budget counts the trials kept from the first run"
+    assert {n: after[n] for n in before} == before, "finished trials are kept, not re-run"
+    assert [t.state for t in stage.trials if t.number == 2] == [TrialState.FAIL]
+    _, parent, children = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED"
+    finished = sorted(int(r.data.tags["trial"]) for r in children
+                      if r.info.status == "FINISHED")
+    assert finished == sorted(after), "one finished run per counted trial, none twice"
+
+
+# --- real worker processes -------------------------------------------------------------
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """start(overrides, name): `python train.py --multirun ...` as its own process,
+    output in NAME.log; whatever still runs when the test ends is killed."""
+    procs = []
+
+    def start(overrides, name) -> tuple[subprocess.Popen, Path]:
+        path = tmp_path / f"{name}.log"
+        with open(path, "w") as log:  # the child keeps its own handle
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), "--multirun",
+                 f"hydra.sweep.dir={tmp_path / name}", *overrides],
+                cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                stderr=subprocess.STDOUT))
+        return procs[-1], path
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
+        tmp_path, tiny_cifar, tracking_uri, start_worker, storage):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=60",
+                           "hydra.sweeper.stages=[{n_trials: 3}, {n_trials: 2}]",
+                           storage=storage)
+    workers = [start_worker(overrides, f"worker{i}") for i in range(2)]
+    for proc, log in workers:
+        assert proc.wait(timeout=240) == 0, log.read_text()
+    text = "".join(log.read_text() for _, log in workers)
+    assert "database is locked" not in text.lower()
+
+    studies = _studies(tmp_path, storage)
+    budgets = {"stage0": 3, "stage1": 2, "final": 1}
+    assert {k: len(_counted(studies[k])) for k in budgets} == budgets
+    workers_seen = {t.user_attrs["worker"] for s in budgets for t in _counted(studies[s])}
+    assert len(workers_seen) == 2, "both workers ran trials"
+    _, parent, children = _parent_and_children(tracking_uri)
+    done = sorted((r.data.tags["stage"], int(r.data.tags["trial"])) for r in children
+                  if r.info.status == "FINISHED")
+    assert done == sorted((k.removeprefix("stage"), t.number)
+                          for k in budgets for t in _counted(studies[k]))
+
+
+def test_a_killed_workers_running_trial_goes_stale_and_a_rerun_replaces_it(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, start_worker):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=150",
+                           "hydra.sweeper.stages=[{n_trials: 3}]", "hydra.sweeper.final=null")
+    proc, _ = start_worker(overrides, "killed")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill it mid-trial, after one finished
+        time.sleep(0.2)
+        stage = _studies(tmp_path).get("stage0") if (tmp_path / "optuna.log").exists() else None
+        states = [t.state for t in stage.trials] if stage else []
+        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _studies(tmp_path)["stage0"].trials[-1]
+    assert killed.state == TrialState.RUNNING, "the killed worker left a running trial"
+    kept = {t.number: t.value for t in _counted(_studies(tmp_path)["stage0"])}
+
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="rerun")
+    stage = _studies(tmp_path)["stage0"]
+    assert stage.trials[killed.number].state == TrialState.FAIL
+    assert "failure" not in stage.trials[killed.number].user_attrs  # not counted
+    counted = {t.number: t.value for t in _counted(stage)}
+    assert len(counted) == 3 and all(counted[n] == v for n, v in kept.items())
+    assert not math.isnan(sum(counted.values()))
