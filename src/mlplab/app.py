@@ -166,6 +166,8 @@ def _log_datasets(ds: Dataset) -> None:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
+    from mlplab import tracking
+
     # An explicit source: MLflow's guess for local paths is ambiguous and warns.
     if ds.source.startswith(("http://", "https://")):
         source = HTTPDatasetSource(ds.source)
@@ -176,7 +178,9 @@ def _log_datasets(ds: Dataset) -> None:
         dataset = mlflow.data.from_numpy(
             getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=source,
             name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
-        mlflow.log_input(dataset, context=context)
+        # parallel trials share one SQLite store: a write may meet it locked
+        tracking.with_retries(lambda d=dataset, c=context: mlflow.log_input(d, context=c),
+                              "log the datasets")
 
 
 def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
