@@ -61,3 +61,18 @@ def test_run_name_and_extra_tags_reach_the_run(make_cfg, tracking_uri):
                    "tracking.log_model=false")
     run = MlflowClient(tracking_uri).get_run(run_experiment(cfg).run_id)
     assert run.info.run_name == "baseline" and run.data.tags["note"] == "first"
+
+
+def test_runs_in_one_process_share_the_loaded_dataset(make_cfg, monkeypatch):
+    from mlplab import app
+
+    loads = []
+    real = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(1) or real(*a, **k))
+    app._load_dataset_cached.cache_clear()
+    base = ("schedule.n_s=3", "tracking.log_model=false")
+    run_experiment(make_cfg(*base, "lam=0.1"))
+    run_experiment(make_cfg(*base, "lam=0.2"))        # same data: loaded once
+    assert len(loads) == 1
+    run_experiment(make_cfg(*base, "data.n_train=30"))  # other data: loaded again
+    assert len(loads) == 2
