@@ -107,6 +107,16 @@ def tiny_experiment(make_cfg):
 
 
 @pytest.fixture
+def cli_env(tmp_path, tiny_cifar) -> dict[str, str]:
+    """Environment for running mlplab's commands in a subprocess on the tiny archive,
+    with the default MLflow store (mlflow.db in the folder the command runs in)."""
+    url, md5 = tiny_cifar
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"MLPLAB_CIFAR10_URL": url, "MLPLAB_CIFAR10_MD5": md5,
+                  "MLPLAB_DATA": str(tmp_path / "data")}
+
+
+@pytest.fixture
 def shared_cifar() -> tuple[str, str]:
     """(path, md5) of the real CIFAR-10 copy in ../shared, or skip."""
     if not SHARED_ARCHIVE.exists():

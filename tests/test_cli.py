@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -16,15 +15,10 @@ TINY = ["model.layers=[8]", "train.batch_size=10", "schedule.n_s=6", "train.prog
 
 
 @pytest.fixture
-def run_cli(tmp_path, tiny_cifar):
-    url, md5 = tiny_cifar
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env |= {"MLPLAB_CIFAR10_URL": url, "MLPLAB_CIFAR10_MD5": md5,
-            "MLPLAB_DATA": str(tmp_path / "data")}
-
+def run_cli(tmp_path, cli_env):
     def _run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=cli_env, capture_output=True, text=True, timeout=300)
 
     return _run
 

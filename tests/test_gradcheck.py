@@ -4,7 +4,6 @@ catch, ReLU kinks it must not blame on the code, and the tracked command."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -265,15 +264,10 @@ def test_bad_values_are_refused_naming_the_key_before_anything_is_recorded(
 
 
 @pytest.fixture
-def run_command(tmp_path, tiny_cifar):
-    url, md5 = tiny_cifar
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env |= {"MLPLAB_CIFAR10_URL": url, "MLPLAB_CIFAR10_MD5": md5,
-            "MLPLAB_DATA": str(tmp_path / "data")}
-
+def run_command(tmp_path, cli_env):
     def _run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mlplab.commands.gradcheck", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              cwd=tmp_path, env=cli_env, capture_output=True, text=True,
                               timeout=300)
 
     return _run

@@ -15,23 +15,21 @@ from mlplab.data import rows_to_images  # noqa: E402
 CURVES = (("cost", "cost"), ("loss", "loss"), ("acc", "accuracy"))
 
 
-def plot_curves(history: list[dict], path, title: str = "") -> None:
-    """Cost, loss and accuracy vs update step, train vs validation, side by side."""
-    steps = [r["step"] for r in history]
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.6))
-    for ax, (key, label) in zip(axes, CURVES, strict=True):
-        for split, style in (("train", "-"), ("val", "--")):
-            ax.plot(steps, [r[f"{split}_{key}"] for r in history], style,
-                    label="training" if split == "train" else "validation")
-        ax.set_xlabel("update step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
+def _save(fig, path, title: str = "", dpi: int = 90) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def plot_curves(history: list[dict], path, title: str = "") -> None:
+    """Cost, loss and accuracy vs update step, train vs validation, side by side."""
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, CURVES, strict=True):
+        _curve_panel(ax, history, key, label)
+        ax.legend()
+    _save(fig, path, title, dpi=110)
 
 
 def class_templates(W: np.ndarray, image_shape) -> np.ndarray:
@@ -78,11 +76,7 @@ def plot_side_by_side(histories: dict[str, list[dict]], path, title: str = "",
             _curve_panel(axes[row, col], history, key, label)
         axes[0, col].set_title(name, fontsize=10)
     axes[0, 0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title, dpi=90)
 
 
 def plot_curve_grid(grid: dict[tuple[str, str], list[dict]], path, title: str = "",
@@ -103,11 +97,7 @@ def plot_curve_grid(grid: dict[tuple[str, str], list[dict]], path, title: str = 
             _curve_panel(ax, grid[row, col], *curve)
             ax.set_title(f"{row}, {col}", fontsize=10)
     axes[0, 0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title, dpi=90)
 
 
 def plot_search(trials: list[dict], param: str, path, title: str = "") -> None:
@@ -129,3 +119,38 @@ def plot_search(trials: list[dict], param: str, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+SPAN_PAD = 0.05  # share of the searched span left blank at each side
+
+
+def plot_search_stage(points: list[tuple[float, float]], best: list[tuple[float, float]],
+               failed: list[float], path, *, param: str, span: tuple[float, float],
+               log_x: bool, ylabel: str = "validation accuracy", title: str = "") -> None:
+    """points: (parameter value, objective) of the completed trials; `best` (a subset)
+    is ringed; `failed` parameter values are crosses on the bottom edge, so a region
+    that diverges shows up. The x axis is the stage's searched `span`."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    if points:
+        ax.plot(*zip(*sorted(points), strict=True), "o", color="C0", label="trial")
+    if best:
+        ax.plot(*zip(*best, strict=True), "o", markersize=13, markerfacecolor="none",
+                markeredgecolor="C3", markeredgewidth=2, label=f"best {len(best)}")
+    if failed:
+        ax.plot(failed, [0.0] * len(failed), "x", color="C7", transform=ax.get_xaxis_transform(),
+                clip_on=False, label="failed")
+    low, high = span
+    if log_x:
+        ax.set_xscale("log")
+        pad = (high / low) ** SPAN_PAD
+        ax.set_xlim(low / pad, high * pad)
+    elif high > low:
+        pad = (high - low) * SPAN_PAD
+        ax.set_xlim(low - pad, high + pad)
+    ax.set_xlabel(param)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(fig, path)

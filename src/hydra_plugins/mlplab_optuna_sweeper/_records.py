@@ -24,9 +24,8 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab import tracking
+from mlplab import plots, tracking
 
-from . import _plots
 from ._space import Param
 
 log = logging.getLogger(__name__)
@@ -234,11 +233,12 @@ def _stage_plot(record: StageRecord, p: Param, best: list[FrozenTrial], path: Pa
     failed = [t.params[p.name] for t in record.trials
               if t.state == TrialState.FAIL and p.name in t.params]
     d = p.distribution
-    _plots.plot_stage([(t.params[p.name], t.value) for t in done],
-                      [(t.params[p.name], t.value) for t in best if p.name in t.params],
-                      failed, path, param=p.name, span=(d.low, d.high), log_x=p.log,
-                      title=f"stage {record.label}: {p.name} in [{d.low:.3g}, {d.high:.3g}], "
-                            f"{len(record.trials)} trials")
+    plots.plot_search_stage(
+        [(t.params[p.name], t.value) for t in done],
+        [(t.params[p.name], t.value) for t in best if p.name in t.params],
+        failed, path, param=p.name, span=(d.low, d.high), log_x=p.log,
+        title=f"stage {record.label}: {p.name} in [{d.low:.3g}, {d.high:.3g}], "
+              f"{len(record.trials)} trials")
 
 
 def _is_number(v) -> bool:
