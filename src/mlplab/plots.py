@@ -15,10 +15,11 @@ from mlplab.data import rows_to_images  # noqa: E402
 CURVES = (("cost", "cost"), ("loss", "loss"), ("acc", "accuracy"))
 
 
-def _save(fig, path, title: str = "", dpi: int = 90) -> None:
+def _save(fig, path, title: str = "", dpi: int = 90, tight: bool = True) -> None:
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -29,7 +30,9 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
     for ax, (key, label) in zip(axes, CURVES, strict=True):
         _curve_panel(ax, history, key, label)
         ax.legend()
-    _save(fig, path, title, dpi=110)
+    # Fixed margins: every run draws this figure, and tight_layout would triple its cost.
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.88, wspace=0.25)
+    _save(fig, path, title, dpi=110, tight=False)
 
 
 def class_templates(W: np.ndarray, image_shape) -> np.ndarray:
