@@ -7,9 +7,11 @@ retried when another process holds the database, so parallel trials don't fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,6 +29,33 @@ T = TypeVar("T")
 # MLflow draws a bar for every artifact it reads back (e.g. validating the model's
 # input example); noise in a training log. A user's own setting wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def prewarm() -> threading.Thread:
+    """Import MLflow's store and model modules and matplotlib on a background thread.
+
+    That start-up (~2 s, once per process) then overlaps with loading the data, whose
+    NumPy work leaves the interpreter free; measured on an idle 2-core machine it cut
+    a reports run's tracking from 1.3-1.6 s to 0.3-0.4 s, and the process's wall time
+    by 2 s. The caller joins before opening the run and counts any wait as tracking.
+    An import that fails here is left for the caller to meet and report.
+    """
+
+    def imports():
+        with contextlib.suppress(Exception):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            from mlflow.utils import requirements_utils
+
+            import mlplab.plots  # noqa: F401
+            import mlplab.pyfunc_model  # noqa: F401
+
+            # The map of installed distributions that MLflow scans when it first logs
+            # a model (~0.5 s). Private: if it moves, the scan simply stays in the run.
+            requirements_utils._init_packages_to_modules_map()
+
+    thread = threading.Thread(target=imports, name="mlplab-prewarm", daemon=True)
+    thread.start()
+    return thread
 
 
 def resolve_uri(uri: str | None = None) -> str:
