@@ -24,9 +24,14 @@ from mlplab.config import ConfigError
     ("train.dtype=float16", "train.dtype='float16'"),
     ("schedule.n_s_k=2", "set exactly one"),
     ("model.bn_momentum=1.5", "model.bn_momentum=1.5"),
+    ("train.seed=-1", "train.seed=-1"),
+    ("schedule.eta_max=inf", "schedule.eta_max=inf"),
+    ("lam=inf", "lam=inf"),
+    ("model.init_std=nan", "model.init_std=nan"),
+    ("data=digits data.split=batch1", "digits has no batches"),
 ])
 def test_bad_values_fail_before_anything_is_recorded(make_cfg, tracking_uri, override, message):
-    cfg = make_cfg(override)
+    cfg = make_cfg(*override.split())
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_experiment(cfg)
     assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()

@@ -167,3 +167,19 @@ def test_images_and_rows_convert_both_ways():
     assert images.shape == (2, 32, 32, 3)
     assert images[0, 0, 1, 0] == rows[0, 1]  # red plane first, row-major
     np.testing.assert_array_equal(data.images_to_rows(images), rows)
+
+
+def test_concurrent_first_downloads_into_one_cache_both_succeed(http_folder, tmp_path):
+    # Parallel sweep trials on a fresh machine all find the cache empty at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, base = http_folder
+    md5 = write_cifar_archive(folder / data.ARCHIVE_NAME)
+    root = tmp_path / "cache"
+    url = f"{base}/{data.ARCHIVE_NAME}"
+    with ThreadPoolExecutor(4) as pool:
+        sets = list(pool.map(lambda _: data.load_dataset(url=url, md5=md5, root=root),
+                             range(4)))
+    assert len({ds.fingerprint() for ds in sets}) == 1
+    assert data.file_md5(root / data.ARCHIVE_NAME) == md5
+    assert not list(root.glob("*.part"))

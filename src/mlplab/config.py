@@ -7,6 +7,7 @@ tracked, and names the key and what is allowed in its message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,10 @@ def register() -> None:
     cs.store(group="schedule", name="clr_schema", node=CyclicalSchedule)
 
 
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -123,24 +128,29 @@ def validate(cfg: DictConfig) -> None:
     d, m, s, t = cfg.data, cfg.model, cfg.schedule, cfg.train
     _require(d.name in DATASETS, f"data.name={d.name!r}: allowed {DATASETS}")
     _require(d.split in SPLITS, f"data.split={d.split!r}: allowed {SPLITS}")
+    _require(d.name != "digits" or d.split == "all",
+             f"data.split={d.split!r} with data=digits: digits has no batches, allowed 'all'")
     _require(d.n_val > 0, f"data.n_val={d.n_val}: the validation split must not be empty (> 0)")
     _require(d.n_train is None or d.n_train > 0,
              f"data.n_train={d.n_train}: must be null (all) or > 0")
     _require(all(h > 0 for h in m.layers),
              f"model.layers={list(m.layers)}: hidden sizes must be > 0 ([] = softmax classifier)")
     _require(m.init in INITS, f"model.init={m.init!r}: allowed {INITS}")
-    _require(m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
+    _require(_positive(m.init_std), f"model.init_std={m.init_std}: must be finite and > 0")
     _require(0 <= m.bn_momentum < 1, f"model.bn_momentum={m.bn_momentum}: must be in [0, 1)")
-    _require(cfg.lam >= 0, f"lam={cfg.lam}: the L2 strength must be >= 0")
+    _require(cfg.lam >= 0 and math.isfinite(cfg.lam),
+             f"lam={cfg.lam}: the L2 strength must be finite and >= 0")
     _require(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0")
+    _require(t.seed >= 0, f"train.seed={t.seed}: must be >= 0")
     _require(t.dtype in DTYPES, f"train.dtype={t.dtype!r}: allowed {DTYPES}")
     _require(t.evals_per_cycle > 0, f"train.evals_per_cycle={t.evals_per_cycle}: must be > 0")
     _require(s.name in SCHEDULES, f"schedule.name={s.name!r}: allowed {SCHEDULES}")
     if s.name == "constant":
-        _require(s.eta > 0, f"schedule.eta={s.eta}: must be > 0")
+        _require(_positive(s.eta), f"schedule.eta={s.eta}: must be finite and > 0")
         _require(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
     else:
-        _require(s.eta_min > 0, f"schedule.eta_min={s.eta_min}: must be > 0")
+        _require(_positive(s.eta_min), f"schedule.eta_min={s.eta_min}: must be finite and > 0")
+        _require(_positive(s.eta_max), f"schedule.eta_max={s.eta_max}: must be finite and > 0")
         _require(s.eta_min <= s.eta_max,
                  f"schedule.eta_min={s.eta_min} > schedule.eta_max={s.eta_max}: "
                  "eta_min must be <= eta_max")
@@ -163,6 +173,7 @@ def validate_gradcheck(cfg: DictConfig) -> None:
     _require(g.lam is None or g.lam >= 0,
              f"gradcheck.lam={g.lam}: must be null (the top-level lam) or >= 0")
     _require(g.h > 0, f"gradcheck.h={g.h}: the step must be > 0")
+    _require(g.seed >= 0, f"gradcheck.seed={g.seed}: must be >= 0")
     _require(g.order in (2, 4, 6), f"gradcheck.order={g.order}: allowed (2, 4, 6)")
     _require(g.eps > 0, f"gradcheck.eps={g.eps}: must be > 0")
     _require(g.threshold > 0, f"gradcheck.threshold={g.threshold}: must be > 0")

@@ -107,9 +107,12 @@ def _download(url: str, dest: Path, md5: str) -> None:
     take the name `dest` only once their MD5 is right."""
     from tqdm.auto import tqdm
 
-    part = dest.with_name(dest.name + ".part")
+    # A file of our own: processes downloading at once (parallel trials on a fresh
+    # machine) must not truncate or delete each other's bytes.
+    fd, name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    part = Path(name)
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 while block := resp.read(1 << 20):
@@ -215,7 +218,7 @@ def _raw_cifar10(url, md5, root, split):
     return X, y, X_test, y_test, [len(p[1]) for p in parts]
 
 
-def _raw_digits(n_val):
+def _raw_digits():
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -262,7 +265,7 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
         X, y, X_test, y_test, sizes = _raw_cifar10(url, md5, root, split)
         shape, classes, source = (32, 32, 3), CIFAR10_CLASSES, url
     else:
-        X, y, X_test, y_test = _raw_digits(n_val)
+        X, y, X_test, y_test = _raw_digits()
         sizes = [len(y)]
         split, shape, classes, source = "all", (8, 8, 1), tuple(str(i) for i in range(10)), \
             "sklearn.datasets.load_digits"
