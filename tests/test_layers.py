@@ -58,7 +58,7 @@ def test_batchnorm_moves_running_averages_in_training_and_uses_them_at_evaluatio
     np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + layers.BN_EPS))
 
 
-def test_batchnorm_backward_gradient_sums_to_zero_over_the_batch():
+def test_batchnorm_backward_input_gradient_is_blind_to_a_shift_of_the_batch():
     # The mean subtraction makes the output blind to a shift of the whole column.
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 5))

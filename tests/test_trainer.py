@@ -69,3 +69,21 @@ def test_one_pass_over_the_data_shuffles_every_epoch(digits, monkeypatch):
                   rng=0, progress=False)
     epoch1, epoch2 = np.concatenate(seen[:2]), np.concatenate(seen[2:])
     assert sorted(epoch1) == sorted(epoch2) and not np.array_equal(epoch1, epoch2)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_one_sgd_step_moves_every_parameter_by_minus_eta_times_the_checked_gradient(bn):
+    # sgd_step fuses the L2 term into a weight decay; the gradient check covers
+    # network.cost_and_grads, so the two must agree.
+    rng = np.random.default_rng(0)
+    net = network.init_network(12, [6, 5], 4, bn=bn, rng=0, dtype=np.float64)
+    for name, p in net.params.items():
+        if name[0] != "W":
+            p += rng.normal(0, 0.1, p.shape)  # off their initial 0/1
+    X, y = rng.normal(size=(8, 12)), rng.integers(0, 4, 8)
+    before = {k: v.copy() for k, v in net.params.items()}
+    _, _, grads = network.cost_and_grads(net, X, y, lam=0.3, update_stats=False)
+    trainer.sgd_step(net, X, y, eta=0.05, lam=0.3)
+    for name, p in net.params.items():
+        np.testing.assert_allclose(p, before[name] - 0.05 * grads[name], rtol=1e-12,
+                                   atol=1e-14, err_msg=name)
