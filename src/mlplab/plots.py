@@ -51,9 +51,7 @@ def plot_class_templates(W: np.ndarray, image_shape, class_names, path) -> None:
         ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def _curve_panel(ax, history: list[dict], key: str, ylabel: str) -> None:
@@ -119,17 +117,16 @@ def plot_search(trials: list[dict], param: str, path, title: str = "") -> None:
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
-SPAN_PAD = 0.05  # share of the searched span left blank at each side
+SPAN_PAD = 0.05  # share of a search stage's span left blank at each side
 
 
 def plot_search_stage(points: list[tuple[float, float]], best: list[tuple[float, float]],
-               failed: list[float], path, *, param: str, span: tuple[float, float],
-               log_x: bool, ylabel: str = "validation accuracy", title: str = "") -> None:
+                      failed: list[float], path, *, param: str, span: tuple[float, float],
+                      log_x: bool, ylabel: str = "validation accuracy",
+                      title: str = "") -> None:
     """points: (parameter value, objective) of the completed trials; `best` (a subset)
     is ringed; `failed` parameter values are crosses on the bottom edge, so a region
     that diverges shows up. The x axis is the stage's searched `span`."""
