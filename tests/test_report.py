@@ -16,10 +16,13 @@ from mlplab.commands import report as report_command
 EXPERIMENT = "dd2424"
 
 
-def _fake_run(uri, experiment, tags, metrics=None, status="FINISHED", artifact=None):
+def _fake_run(uri, experiment, tags, metrics=None, status="FINISHED", artifact=None,
+              params=None):
     client = MlflowClient(uri)
     exp_id = tracking.get_or_create_experiment(client, experiment, uri)
     run_id = client.create_run(exp_id, tags=tags).info.run_id
+    for key, value in (params or {}).items():
+        client.log_param(run_id, key, value)
     for key, value in (metrics or {}).items():
         client.log_metric(run_id, key, value, step=0)
     if artifact:
@@ -112,6 +115,35 @@ def test_report_averages_seeds_keeps_failed_settings_and_skips_trials_and_report
     assert broken["runs"] == "0 of 1"
     assert broken["train"] == "training diverged at update step 3: cost is nan"
     assert "`other`" not in md  # another experiment's runs stay out
+
+
+def test_report_averages_only_runs_of_the_published_configuration_and_lists_the_rest(
+        tracking_uri, tmp_path):
+    published = {"lam": "0.005", "bn": "False", "model.layers": "[50, 50]"}
+
+    def run(overrides, test_acc, status="FINISHED", **params):
+        seed = params.pop("seed", "0")
+        _fake_run(tracking_uri, EXPERIMENT,
+                  {"setting": "mine", "hydra_overrides": f"experiment=mine {overrides}"},
+                  _final(0.7, 0.6, test_acc), status=status,
+                  params={**published, **params, "train.seed": seed,
+                          "tracking.uri": f"sqlite:///{seed}.db", "tags.setting": "mine"})
+
+    run("train.seed=0 train.progress=false", 0.50)
+    run("train.seed=1", 0.52, seed="1")
+    run("lam=0.005 train.seed=2", 0.54, seed="2")  # overridden with its own value: same
+    run("model.layers=[50,50] bn=true", 0.10, status="FAILED", bn="True")
+    run("lam=0.1", 0.30, lam="0.1")  # the newest run: yet not the published setting
+
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path).read_text()
+
+    row = _row(md, "mine")
+    assert row["runs"] == "3"  # neither the lam=0.1 run nor the failed bn=True one
+    assert row["lambda"] == "0.005"
+    assert row["test"] == "52.0 ± 2.0"
+    assert "Left out: 2 runs" in md
+    assert "- `mine`: 1 run with `lam=0.1`" in md
+    assert "- `mine`: 1 run with `bn=True`" in md
 
 
 def test_report_plots_accuracy_vs_lambda_of_the_newest_search(tracking_uri, tmp_path):

@@ -1,11 +1,16 @@
 """The report: published settings read back from MLflow as one Markdown page with figures.
 
 Runs are grouped by their `setting` tag (every `conf/experiment/*.yaml` sets it to its
-own name). A setting's final train/val/test accuracies are averaged over its finished
-runs and set beside the reference test accuracy its experiment file quotes (tag
-`reference_test_acc`). Figures are redrawn from the metric histories of each setting's
-newest run; the lambda figure comes from the newest sweep (a parent run tagged
-`mlplab.sweep=true` with a `trials.csv` artifact).
+own name), then by configuration: the logged params without the seed and bookkeeping
+keys (`BOOKKEEPING`). Only the runs of the published configuration are averaged: the
+configuration of the newest run whose `hydra_overrides` tag overrides nothing beyond
+`experiment=`, the seed and bookkeeping keys (`python train.py experiment=three_layer
+train.seed=1`). Runs of other configurations (`experiment=three_layer lam=0.1`) are left
+out of the table and listed under it. A setting's final train/val/test accuracies are
+averaged over its published finished runs and set beside the reference test accuracy
+its experiment file quotes (tag `reference_test_acc`). Figures are redrawn from the
+metric histories of each setting's newest published run; the lambda figure comes from
+the newest sweep (a parent run tagged `mlplab.sweep=true` with a `trials.csv` artifact).
 
 `build_report(uri, experiment, out)` writes `out/report.md` and `out/figures/`;
 `log_report` records them as an MLflow run tagged `mlplab.kind=report`. Child runs
@@ -38,6 +43,12 @@ HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
                      for key in ("loss", "cost", "acc"))
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
+OVERRIDES_TAG = "hydra_overrides"
+# Params that say how a run was seeded, shown, tracked or where its files live, not
+# what was trained: runs differing only in these are repeats of one configuration.
+BOOKKEEPING = ("train.seed", "train.progress", "data.url", "data.root", "tracking.",
+               "tags.", "gradcheck.")
+PUBLISHED_OVERRIDES = ("experiment",)  # with BOOKKEEPING: what a published run may override
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,46 @@ FIGURES = (
 KNOWN_ORDER = tuple(s for fig in FIGURES for s in fig.settings)
 
 
+def _is_bookkeeping(key: str) -> bool:
+    return any(key == b or (b.endswith(".") and key.startswith(b)) for b in BOOKKEEPING)
+
+
+def configuration(run: Run) -> dict[str, str]:
+    """The params that decide what a run trains: all but the seed and bookkeeping."""
+    return {k: v for k, v in run.data.params.items() if not _is_bookkeeping(k)}
+
+
+def extra_overrides(run: Run) -> list[str] | None:
+    """The command-line overrides of a run beyond `experiment=`, the seed and bookkeeping
+    keys; None when the run has no `hydra_overrides` tag (composed in code)."""
+    tag = run.data.tags.get(OVERRIDES_TAG)
+    if tag is None:
+        return None
+    extra = []
+    for override in tag.split():
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in PUBLISHED_OVERRIDES and not _is_bookkeeping(key):
+            extra.append(override)
+    return extra
+
+
+@dataclass
+class Variant:
+    """Runs of a setting in another configuration than the published one."""
+
+    runs: int
+    difference: str  # e.g. "lam=0.1", against the published configuration
+
+
 @dataclass
 class Setting:
-    """The runs of one setting, newest first."""
+    """The runs of one setting in its published configuration, newest first, and the
+    other configurations its tag was also used with."""
 
     name: str
     finished: list[Run] = field(default_factory=list)
     failed: list[Run] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
 
     @property
     def newest(self) -> Run | None:
@@ -145,18 +189,48 @@ def _all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: st
             return
 
 
+def _difference(config: dict[str, str], published: dict[str, str]) -> str:
+    return " ".join(f"{k}={config.get(k, '(unset)')}" for k in sorted(config | published)
+                    if config.get(k) != published.get(k))
+
+
+def split_setting(name: str, runs: list[Run]) -> Setting:
+    """The runs of one setting (newest first) split by configuration. The published one
+    is that of the newest run overriding nothing beyond `experiment=`, the seed and
+    bookkeeping keys; failing any, of the newest run without an overrides tag; failing
+    that, there is none and every run is a variant."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(sorted(configuration(run).items())), []).append(run)
+    clean = [r for r in runs if extra_overrides(r) == []]
+    untagged = [r for r in runs if extra_overrides(r) is None]
+    reference = (clean or untagged or [None])[0]
+    published = dict(configuration(reference)) if reference else {}
+    setting = Setting(name)
+    for config, group in groups.items():
+        if reference is not None and dict(config) == published:
+            setting.finished = [r for r in group if r.info.status == "FINISHED"]
+            setting.failed = [r for r in group if r.info.status == "FAILED"]
+        elif reference is not None:
+            setting.variants.append(Variant(len(group), _difference(dict(config), published)))
+        else:  # nothing to compare with: say what the runs overrode
+            overrides = extra_overrides(group[0])
+            setting.variants.append(Variant(len(group), " ".join(overrides or ["?"])))
+    return setting
+
+
 def load_settings(client: MlflowClient, experiment_id: str) -> dict[str, Setting]:
-    """Finished and failed runs of an experiment grouped by setting tag, newest first."""
-    settings: dict[str, Setting] = {}
+    """Finished and failed runs of an experiment grouped by setting tag, newest first,
+    each split into its published configuration and the variants."""
+    runs: dict[str, list[Run]] = {}
     for run in _all_runs(client, [experiment_id]):
         tags = run.data.tags
         name = tags.get(SETTING_TAG)
         if not name or PARENT_TAG in tags or KIND_TAG in tags or SWEEP_TAG in tags:
             continue
-        if run.info.status == "FINISHED":
-            settings.setdefault(name, Setting(name)).finished.append(run)
-        elif run.info.status == "FAILED":
-            settings.setdefault(name, Setting(name)).failed.append(run)
+        if run.info.status in ("FINISHED", "FAILED"):
+            runs.setdefault(name, []).append(run)
+    settings = {name: split_setting(name, group) for name, group in runs.items()}
     order = {name: i for i, name in enumerate(KNOWN_ORDER)}
     return dict(sorted(settings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -215,6 +289,8 @@ def _table(settings: dict[str, Setting]) -> list[str]:
              "| reference test | test − reference |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in settings.values():
+        if not s.finished and not s.failed:
+            continue  # only variants: listed under the table
         ref = s.reference
         if s.finished:
             accs = [_pct(*s.accuracy(metric)) for _, metric in ACCURACIES]
@@ -227,6 +303,18 @@ def _table(settings: dict[str, Setting]) -> list[str]:
         cells = [f"`{s.name}`", s.summary, s.lam, runs, *accs, _pct(ref), diff]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
+
+
+def _variants(settings: dict[str, Setting]) -> list[str]:
+    """The runs left out of the table, by setting and configuration."""
+    lines = [f"- `{s.name}`: {v.runs} run{'s' if v.runs > 1 else ''} with `{v.difference}`"
+             for s in settings.values() for v in s.variants]
+    if not lines:
+        return []
+    n = sum(v.runs for s in settings.values() for v in s.variants)
+    return [f"Left out: {n} run{'s' if n > 1 else ''} tagged with a setting but trained in "
+            "another configuration than the published one (overrides beyond "
+            "`experiment=` and the seed), so not repeats of it:", "", *lines, ""]
 
 
 def _draw(fig, settings: dict[str, Setting], client: MlflowClient, path: Path) -> bool:
@@ -279,19 +367,22 @@ def build_report(uri: str, experiment: str, out, search_experiment: str | None =
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# mlplab report: experiment `{experiment}`", "",
           f"Generated {now} from `{uri}`.", ""]
-    if not settings:
+    if not any(s.finished or s.failed for s in settings.values()):
         md += [f"No finished runs with a `{SETTING_TAG}` tag in experiment `{experiment}`. "
-               f"Run some first, e.g. `python train.py experiment=three_layer_bn`.", ""]
+               f"Run some first, e.g. `python train.py experiment=three_layer_bn`.", "",
+               *_variants(settings)]
     else:
         n_runs = sum(len(s.finished) for s in settings.values())
         md += ["## Final accuracy per setting", "",
-               f"Accuracy in %: mean over each setting's finished runs ({n_runs} in all), "
-               "± the standard deviation when there are several. The reference is the test "
-               "accuracy quoted in the setting's `conf/experiment` file. Reproduce a row "
-               "with `python train.py experiment=<setting>`.", "",
-               *_table(settings), ""]
+               f"Accuracy in %: mean over each setting's finished runs in its published "
+               f"configuration ({n_runs} in all), ± the standard deviation when there are "
+               "several. The reference is the test accuracy quoted in the setting's "
+               "`conf/experiment` file. Reproduce a row with "
+               "`python train.py experiment=<setting> train.seed=<seed>`.", "",
+               *_table(settings), "", *_variants(settings)]
         md += ["## Figures", "",
-               "Curves of each setting's newest run: training solid, validation dashed.", ""]
+               "Curves of each setting's newest run in its published configuration: "
+               "training solid, validation dashed.", ""]
         for fig in FIGURES:
             path = figures / f"{fig.name}.png"
             if _draw(fig, settings, client, path):
