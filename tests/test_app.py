@@ -32,7 +32,9 @@ def test_run_records_params_stepped_metrics_artifacts_and_a_loadable_model(
     assert run.data.metrics["test_acc"] == pytest.approx(outcome.final["test_acc"])
     assert outcome.val_acc == pytest.approx(run.data.metrics["final_val_acc"])
     assert run.data.tags["data_fingerprint"]
-    assert run.inputs.dataset_inputs, "the dataset is logged with mlflow.log_input"
+    contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags
+                if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation", "test"}  # every split, via log_inputs
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "curves.png"} <= artifacts
     assert "class_templates.png" not in artifacts  # only for the 1-layer model

@@ -133,8 +133,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
         run.set_tags(tags)
-        with run.timed():
-            _log_datasets(ds)
+        run.log_datasets(ds)
         try:
             result = trainer.train(
                 net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
@@ -176,28 +175,6 @@ def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
     """The first n test rows undone back to uint8 pixels, as a user would pass them."""
     rows = ds.X_test[:n].astype(np.float64) * ds.std + ds.mean
     return np.clip(np.rint(rows), 0, 255).astype(np.uint8)
-
-
-def _log_datasets(ds: Dataset) -> None:
-    import mlflow
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-    from mlplab import tracking
-
-    # An explicit source: MLflow's guess for local paths is ambiguous and warns.
-    if ds.source.startswith(("http://", "https://")):
-        source = HTTPDatasetSource(ds.source)
-    else:
-        source = CodeDatasetSource(tags={"uri": ds.source})
-    fingerprint = ds.fingerprint()
-    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-        dataset = mlflow.data.from_numpy(
-            getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=source,
-            name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
-        # parallel trials share one SQLite store: a write may meet it locked
-        tracking.with_retries(lambda d=dataset, c=context: mlflow.log_input(d, context=c),
-                              "log the datasets")
 
 
 def print_summary(outcome: Outcome, cfg: DictConfig) -> None:

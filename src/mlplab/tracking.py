@@ -189,6 +189,29 @@ class Run:
             items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
             with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
+    def log_datasets(self, ds) -> None:
+        """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
+        inputs, in one write; the fingerprint is the digest, so nothing is re-hashed."""
+        import mlflow
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        with self.timed():
+            # An explicit source: MLflow's guess for a local path is ambiguous and warns.
+            if ds.source.startswith(("http://", "https://")):
+                source = HTTPDatasetSource(ds.source)
+            else:
+                source = CodeDatasetSource(tags={"uri": ds.source})
+            fingerprint = ds.fingerprint()
+            splits = (("train", "training"), ("val", "validation"), ("test", "test"))
+            datasets = [mlflow.data.from_numpy(
+                getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=source,
+                name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
+                for split, _ in splits]
+            with_retries(lambda: mlflow.log_inputs(datasets=datasets,
+                                                   contexts=[c for _, c in splits],
+                                                   tags_list=[None] * len(splits)))
+
     def log_artifact(self, path: Path, folder: str | None = None):
         with self.timed():
             self.client.log_artifact(self.run_id, str(path), folder)
