@@ -242,6 +242,57 @@ def test_a_rerun_after_ctrl_c_keeps_finished_trials_and_only_runs_the_rest(
     assert finished == sorted(after), "one finished run per counted trial, none twice"
 
 
+def _no_runs(tracking_uri) -> bool:
+    client = MlflowClient(tracking_uri)
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("bad", ["schedule.cycles=0",
+                                 "hydra.sweeper.stages.1.overrides=['schedule.cycles=0']"])
+def test_a_bad_config_value_stops_the_sweep_before_anything_is_recorded(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys, bad):
+    # the second: only stage 1's jobs would get the bad value, after all of stage 0
+    with pytest.raises(SystemExit) as exit_:
+        _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri, bad))
+    assert exit_.value.code == 2, "exits as a single run with a bad value does"
+    err = capsys.readouterr().err
+    assert "mlplab: error: schedule.cycles=0: must be > 0" in err and "Traceback" not in err
+    assert not (tmp_path / "optuna.log").exists(), "no study was made"
+    assert _no_runs(tracking_uri), "no parent or trial run"
+
+
+def test_a_data_error_that_no_sample_causes_stops_the_sweep_at_its_first_trial(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    # passes validation, but the tiny data has too few rows: every trial would fail
+    with pytest.raises(SystemExit) as exit_:
+        _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
+                                                 "data.n_val=100000"))
+    assert exit_.value.code == 2
+    assert "mlplab: error: data.n_val=100000" in capsys.readouterr().err
+    [trial] = _studies(tmp_path)["stage0"].trials
+    assert trial.state == TrialState.FAIL and not _counted(_studies(tmp_path)["stage0"]), \
+        "not counted: a re-run with the fix replaces it"
+    _, parent, children = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FAILED"
+    assert [r.info.status for r in children] == ["FAILED"]
+
+
+def test_a_stage_without_a_complete_trial_fails_the_sweep_and_its_parent_run(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    with pytest.raises(SystemExit) as exit_:  # every trial diverges
+        _sweep(monkeypatch, tmp_path, _overrides(
+            tmp_path, tiny_cifar, tracking_uri, "schedule.eta_max=1e6",
+            "hydra.sweeper.stages=[{n_trials: 2}, {n_trials: 2}]"))
+    assert exit_.value.code == 1
+    assert "sweep FAILED: stage 0: none of its 2 trials completed" in capsys.readouterr().err
+    studies = _studies(tmp_path)
+    assert "stage1" not in studies, "no stage after it"
+    assert len(_counted(studies["stage0"])) == 2
+    client, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FAILED"
+    assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 # --- real worker processes -------------------------------------------------------------
 
 @pytest.fixture

@@ -11,12 +11,20 @@ stage ends when its budget is counted and no trial of it is still running anywhe
 so every worker narrows from the same trials. Trials run in batches of `n_jobs`
 through Hydra's launcher; a failed or diverged trial is told FAIL and the sweep
 goes on. Counting, liveness and budgets: see `_studies`.
+
+Failing early, as a single run does (ConfigError/DataError: the message names the key):
+- before anything is recorded, each stage's first job is composed and validated;
+- a job's ConfigError/DataError that names no searched key would fail every trial
+  alike, so it stops the sweep (one that names a searched key, e.g. lam=-1, is that
+  sample's fault: a failed trial);
+- a stage with no complete trial fails the sweep (SweepFailed): nothing to go on from.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -29,6 +37,8 @@ from optuna.trial import TrialState
 
 from mlplab import tracking
 from mlplab.config import ConfigError
+from mlplab.config import validate as validate_config
+from mlplab.data import DataError
 
 from . import _space, _studies
 from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
@@ -39,6 +49,10 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
+
+
+class SweepFailed(RuntimeError):
+    """A stage ended with no complete trial."""
 
 
 @dataclass
@@ -84,6 +98,11 @@ def check(s: DictConfig) -> None:
     _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
 
 
+def names_searched(message: str, params: list[Param]) -> bool:
+    """Whether an error message names a searched key as `key=...` (our errors do)."""
+    return any(re.search(rf"(?<![\w.]){re.escape(p.name)}=", message) for p in params)
+
+
 @contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (a scheduler, `kill`) stops the sweep like Ctrl-C: running trials are
@@ -103,10 +122,11 @@ def _terminate_as_interrupt():
 
 
 class Sweep:
-    def __init__(self, settings: DictConfig, config: DictConfig, launcher, validate_batch):
+    def __init__(self, settings: DictConfig, config: DictConfig, launcher, compose):
+        """`compose(overrides)`: the job config those overrides make (Hydra's loader)."""
         check(settings)
         self.s, self.config, self.launcher = settings, config, launcher
-        self.validate_batch = validate_batch
+        self.compose = compose
         self.maximize = settings.direction == "maximize"
         self.worker = _studies.worker_id()
         self.job_idx = 0
@@ -119,6 +139,7 @@ class Sweep:
             raise ConfigError("nothing to search: give hydra.sweeper.params or a sweep "
                               "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
         stages = plan(s)
+        self._check_config(stages, params, fixed)
         storage = _studies.open_storage(s.storage)
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
         sweep_study, created = _studies.open_study(storage, name, s.direction)
@@ -133,13 +154,16 @@ class Sweep:
             "fixed_overrides": " ".join(fixed),
             **{f"space.{p.name}": _space.describe(p) for p in params},
             **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
-        status = "FAILED"
+        status, records = "FAILED", []
         try:
             with _terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
-                records = self._run_stages(stages, params, fixed, storage, name, parent,
-                                           heartbeat)
+                self._run_stages(stages, params, fixed, storage, name, parent, heartbeat,
+                                 records)
             parent.write_summary(records, s.top_k, self.maximize)
             status = "FINISHED"
+        except SweepFailed:
+            parent.write_summary(records, s.top_k, self.maximize)  # what was tried
+            raise
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -147,25 +171,37 @@ class Sweep:
             parent.set_status(status)
         return records
 
-    def _run_stages(self, stages, params, fixed, storage, name, parent, heartbeat):
-        records: list[StageRecord] = []
+    def _check_config(self, stages: list[Stage], params: list[Param], fixed) -> None:
+        """Compose each stage's first job at a point of the space and validate it as a
+        single run would: a bad value stops the sweep before anything is recorded."""
+        point = _space.sample(params)
+        for stage in stages:
+            job = self.compose([*fixed, *stage.overrides,
+                                *(p.override(point[p.name]) for p in params)])
+            try:
+                validate_config(job)
+            except ConfigError as err:
+                if not names_searched(str(err), params):
+                    raise
+                log.warning("stage %s: %s (at the point %s of the space): trials with "
+                            "such values will fail", stage.label, err, point)
+
+    def _run_stages(self, stages, params, fixed, storage, name, parent, heartbeat,
+                    records: list[StageRecord]) -> None:
+        """Run the stages, appending each one's record to `records`."""
         space = params
         for stage in stages:
             if stage.label == FINAL:
-                best = records[-1].top(1, self.maximize) if records else []
-                if not best:
-                    log.warning("no completed trial in the last stage: no final retrain")
-                    break
-                space = _space.pinned(params, best[0].params)
+                space = _space.pinned(params, records[-1].top(1, self.maximize)[0].params)
             elif records:
                 top = records[-1].top(self.s.top_k, self.maximize)
-                if not top:
-                    log.warning("stage %s: no completed trial to narrow from; stage %s "
-                                "searches the same space", records[-1].label, stage.label)
                 space = _space.narrow(space, [t.params for t in top], self.s.margin)
-            records.append(self._run_stage(stage, space, fixed, storage, name, parent,
-                                           heartbeat))
-        return records
+            record = self._run_stage(stage, space, fixed, storage, name, parent, heartbeat)
+            records.append(record)
+            if not record.complete():
+                raise SweepFailed(
+                    f"stage {stage.label}: none of its {len(record.trials)} trials "
+                    "completed (failures: see the log and the trials' runs in MLflow)")
 
     def _run_stage(self, stage: Stage, space: list[Param], fixed, storage, name, parent,
                    heartbeat) -> StageRecord:
@@ -234,13 +270,17 @@ class Sweep:
             if not batch:
                 return
             overrides = [self._overrides(stage, t, space, fixed, parent) for t in batch]
-            self.validate_batch(overrides)
+            for job in overrides:  # fails here, not in the launcher's process
+                self.compose(job)
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
+            fatal = None
             for trial, ret in zip(batch, returns, strict=True):
-                self._tell(stage, study, trial, ret, parent)
+                fatal = self._tell(stage, study, trial, ret, space, parent) or fatal
                 heartbeat.remove(trial)
                 told.add(trial.number)
+            if fatal is not None:
+                raise fatal
         except BaseException:
             # interrupted (Ctrl-C) or a config error: these trials did not run to an
             # outcome, so they leave the budget and a re-run replaces them
@@ -266,12 +306,17 @@ class Sweep:
                 f"tracking.run_name={run_name(stage.label, trial.number)}",
                 f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
 
-    def _tell(self, stage: Stage, study, trial, ret, parent) -> None:
-        failure = None
+    def _tell(self, stage: Stage, study, trial, ret, space, parent) -> Exception | None:
+        """Record the job's outcome on its trial; return the job's error if it must
+        stop the sweep (a ConfigError/DataError no sample is to blame for)."""
+        failure = fatal = None
         try:
             value = float(ret.return_value)  # re-raises the job's exception
         except Exception as err:
             failure = f"{type(err).__name__}: {err}"
+            if isinstance(err, (ConfigError, DataError)) and not names_searched(str(err),
+                                                                                  space):
+                fatal = err
         else:
             if not math.isfinite(value):
                 failure = f"diverged: the objective is {value}"
@@ -285,12 +330,15 @@ class Sweep:
                 log.info("stage %s trial %d: %s -> %.4f", stage.label, trial.number,
                          trial.params, value)
                 return
-            trial.set_user_attr(FAILURE, failure[:MAX_TAG_LENGTH])
+            if fatal is None:  # counted; a fatal error's trial is replaced after the fix
+                trial.set_user_attr(FAILURE, failure[:MAX_TAG_LENGTH])
             study.tell(trial, state=TrialState.FAIL)
         except Exception as err:  # failed as stale by another worker meanwhile
             log.warning("stage %s trial %d: result not recorded (%s)", stage.label,
                         trial.number, err)
-            return
-        log.warning("stage %s trial %d FAILED: %s -> %s", stage.label, trial.number,
-                    trial.params, failure.splitlines()[0])
+            return fatal
+        log.warning("stage %s trial %d FAILED: %s -> %s%s", stage.label, trial.number,
+                    trial.params, failure.splitlines()[0],
+                    "; every trial would fail alike: stopping the sweep" if fatal else "")
         parent.record_failure(stage.label, trial, trial.params, failure)
+        return fatal

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import (
     ChoiceSweep,
@@ -118,6 +119,13 @@ def suggest(trial, params: Iterable[Param]) -> dict:
         else:
             trial.suggest_float(p.name, d.low, d.high, step=d.step, log=d.log)
     return trial.params
+
+
+def sample(params: Iterable[Param], seed: int = 0) -> dict:
+    """One point of the space, drawn without touching any storage: what the sweep's
+    config is checked with before it starts."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return study.ask({p.name: p.distribution for p in params}).params
 
 
 def pinned(params: Iterable[Param], values: dict) -> list[Param]:

@@ -6,6 +6,7 @@ Hydra imports this module whenever it starts, so it stays light: the search itse
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,33 @@ class MlplabOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from ._driver import Sweep
+        """Run the search. Like a single run, a bad config value or unusable data
+        ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
+        trial, with exit code 1."""
+        from mlplab.config import ConfigError
+        from mlplab.data import DataError
+
+        from ._driver import Sweep, SweepFailed
 
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        return Sweep(self.settings, self.config, self.launcher,
-                     self.validate_batch_is_legal).run(list(arguments))
+        try:
+            return Sweep(self.settings, self.config, self.launcher,
+                         self._compose).run(list(arguments))
+        except (ConfigError, DataError) as err:
+            _fail(f"error: {err}", 2)
+        except SweepFailed as err:
+            _fail(f"sweep FAILED: {err}", 1)
+
+    def _compose(self, overrides: list[str]) -> DictConfig:
+        """The config of the job these overrides launch, as the launcher composes it."""
+        assert self.hydra_context is not None and self.config is not None
+        return self.hydra_context.config_loader.load_sweep_config(self.config,
+                                                                  list(overrides))
+
+
+def _fail(message: str, code: int):
+    print(f"mlplab: {message}", file=sys.stderr)
+    sys.exit(code)
