@@ -293,6 +293,39 @@ def test_a_stage_without_a_complete_trial_fails_the_sweep_and_its_parent_run(
     assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_resuming_a_study_with_another_search_is_refused_but_a_budget_may_grow(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    stages = "hydra.sweeper.stages=[{n_trials: 2}, {n_trials: %d%s}]"
+    _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
+                                             stages % (1, ""), "hydra.sweeper.final=null"))
+    changes = {
+        "top_k 3 -> 5": ["hydra.sweeper.top_k=5"],
+        "space {'lam': 'log[1e-05, 0.1]'} -> {'lam': 'log[0.0001, 0.1]'}":
+            ["hydra.sweeper.params.lam='tag(log, interval(1e-4, 1e-1))'"],
+        "stage 1 overrides [] -> ['schedule.cycles=2']":
+            [stages % (1, ", overrides: ['schedule.cycles=2']")],
+        "stage 0 n_trials 2 -> 1 (a budget may grow, not shrink)":
+            ["hydra.sweeper.stages=[{n_trials: 1}, {n_trials: 1}]"],
+        "stage 0 n_trials 2 -> 3 (stage 1 already started":
+            ["hydra.sweeper.stages=[{n_trials: 3}, {n_trials: 1}]"],
+    }
+    for i, (diff, change) in enumerate(changes.items()):
+        with pytest.raises(SystemExit) as exit_:
+            _sweep(monkeypatch, tmp_path, _overrides(
+                tmp_path, tiny_cifar, tracking_uri, stages % (1, ""),
+                "hydra.sweeper.final=null", *change), run_dir=f"changed{i}")
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"hydra.sweeper.study_name='{STUDY}'" in err
+        assert diff in err and "study_name=NEW_NAME" in err
+    assert [len(_counted(s)) for s in _studies(tmp_path).values() if s.trials] == [2, 1]
+
+    _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
+                                             stages % (2, ""), "hydra.sweeper.final=null"),
+           run_dir="grown")
+    studies = _studies(tmp_path)
+    assert (len(_counted(studies["stage0"])), len(_counted(studies["stage1"]))) == (2, 2)
+
+
 # --- real worker processes -------------------------------------------------------------
 
 @pytest.fixture

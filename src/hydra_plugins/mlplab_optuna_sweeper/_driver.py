@@ -18,6 +18,12 @@ Failing early, as a single run does (ConfigError/DataError: the message names th
   alike, so it stops the sweep (one that names a searched key, e.g. lam=-1, is that
   sample's fault: a failed trial);
 - a stage with no complete trial fails the sweep (SweepFailed): nothing to go on from.
+
+Resuming (the same study_name and storage) requires the same search: direction,
+space, top_k, margin, the stages and their overrides, as stored on the study NAME.
+A stage's n_trials may grow (its finished trials still count) until the next stage
+has started from it; it may not shrink. Other overrides are not compared (paths
+differ between machines): keep them as they were.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
+SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
 
 
 class SweepFailed(RuntimeError):
@@ -103,6 +110,14 @@ def names_searched(message: str, params: list[Param]) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(p.name)}=", message) for p in params)
 
 
+def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> dict:
+    """What a resumed study must share with the run that started it (JSON for Optuna)."""
+    return {"direction": s.direction, "space": {p.name: _space.describe(p) for p in params},
+            "top_k": s.top_k, "margin": s.margin,
+            "stages": [{"stage": st.label, "n_trials": st.n_trials,
+                        "overrides": st.overrides} for st in stages]}
+
+
 @contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (a scheduler, `kill`) stops the sweep like Ctrl-C: running trials are
@@ -143,6 +158,7 @@ class Sweep:
         storage = _studies.open_storage(s.storage)
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
         sweep_study, created = _studies.open_study(storage, name, s.direction)
+        self._check_resume(sweep_study, storage, name, search_settings(s, params, stages))
         self.uri = tracking.resolve_uri(self.config.tracking.uri)
         parent = ParentRun(self.uri, self.config.tracking.experiment)
         parent.attach(sweep_study, created, name, _studies.describe_storage(s.storage))
@@ -186,6 +202,42 @@ class Sweep:
                 log.warning("stage %s: %s (at the point %s of the space): trials with "
                             "such values will fail", stage.label, err, point)
 
+    def _check_resume(self, sweep_study, storage, name: str, wanted: dict) -> None:
+        """Refuse to resume a study with another search (see the module's rules)."""
+        stored = sweep_study.user_attrs.get(SETTINGS)
+        if stored is None:  # a new study (or one from before settings were stored)
+            sweep_study.set_user_attr(SETTINGS, wanted)
+            return
+        diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items()
+                 if k != "stages" and stored.get(k) != v]
+        old, new = stored.get("stages", []), wanted["stages"]
+        if [st["stage"] for st in old] != [st["stage"] for st in new]:
+            diffs.append(f"stages {[st['stage'] for st in old]} -> "
+                         f"{[st['stage'] for st in new]}")
+            old = new = []
+        for i, (was, now) in enumerate(zip(old, new, strict=True)):
+            label = now["stage"]
+            if was["overrides"] != now["overrides"]:
+                diffs.append(f"stage {label} overrides {was['overrides']} -> "
+                             f"{now['overrides']}")
+            if now["n_trials"] < was["n_trials"]:
+                diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
+                             f"{now['n_trials']} (a budget may grow, not shrink)")
+            elif now["n_trials"] > was["n_trials"] and i + 1 < len(new):
+                after = Stage(new[i + 1]["stage"], i + 1, 0, [])
+                if _studies.exists(storage, f"{name}.{after.study_suffix}"):
+                    diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
+                                 f"{now['n_trials']} (stage {after.label} already started "
+                                 "from its trials)")
+        if diffs:
+            raise ConfigError(
+                f"hydra.sweeper.study_name={name!r}: this study in "
+                f"{_studies.describe_storage(self.s.storage)} was started with another "
+                f"search ({'; '.join(diffs)}), and resuming would mix the two. Re-run with "
+                "its settings, or start a fresh search: hydra.sweeper.study_name=NEW_NAME")
+        if stored != wanted:  # a grown budget: the next resume compares with it
+            sweep_study.set_user_attr(SETTINGS, wanted)
+
     def _run_stages(self, stages, params, fixed, storage, name, parent, heartbeat,
                     records: list[StageRecord]) -> None:
         """Run the stages, appending each one's record to `records`."""
@@ -213,6 +265,14 @@ class Sweep:
         if created:
             study.set_user_attr("space", spans)
             study.set_user_attr("overrides", stage.overrides)
+        else:  # same settings narrow to the same space; a study from older code checks here
+            for key, now in (("space", spans), ("overrides", stage.overrides)):
+                was = study.user_attrs.get(key, now)
+                if was != now:
+                    raise ConfigError(
+                        f"hydra.sweeper.study_name={name!r}: stage {stage.label} was "
+                        f"started with {key} {was}, this run's is {now}; resuming would "
+                        "mix them. Start a fresh search: hydra.sweeper.study_name=NEW_NAME")
         parent.log_params({f"{stage.study_suffix}.n_trials": stage.n_trials,
                            **{f"{stage.study_suffix}.space.{k}": v for k, v in spans.items()}})
         log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,

@@ -102,6 +102,14 @@ def open_study(storage, name: str, direction: str) -> tuple[optuna.Study, bool]:
     return with_retries(attempt, f"open study {name!r}")
 
 
+def exists(storage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _last_sign_of_life(t: FrozenTrial) -> float:
     beat = t.user_attrs.get(HEARTBEAT)
     if beat is not None:
