@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _space
+from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
 from mlplab import trainer
 from mlplab.app import CONF_DIR, main
 
@@ -324,6 +325,34 @@ def test_resuming_a_study_with_another_search_is_refused_but_a_budget_may_grow(
            run_dir="grown")
     studies = _studies(tmp_path)
     assert (len(_counted(studies["stage0"])), len(_counted(studies["stage1"]))) == (2, 2)
+
+
+def test_a_trial_is_seeded_by_the_number_it_got_so_workers_asking_at_once_differ(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    # another worker asks for trial 0 between this worker's look at the study and its
+    # own ask; both use the shipped random sampler with seed 0
+    real_ask, other_lam = optuna.Study.ask, []
+
+    def ask_after_another_worker(study, fixed_distributions=None):
+        if study.study_name.endswith(".stage0") and not other_lam:
+            other = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                                      sampler=optuna.samplers.RandomSampler(
+                                          seed=trial_seed(0, 0, 0)))
+            trial = real_ask(other)
+            other_lam.append(trial.suggest_float("lam", 1e-5, 1e-1, log=True))
+            other.tell(trial, 0.5)
+        return real_ask(study, fixed_distributions)
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_after_another_worker)
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 2}]",
+        "hydra.sweeper.final=null"))
+    other, mine = _studies(tmp_path)["stage0"].trials
+    assert other.params["lam"] == other_lam[0] and mine.number == 1
+    assert mine.params["lam"] != other.params["lam"], "not the other worker's draw"
+    expected = optuna.samplers.RandomSampler(seed=trial_seed(0, 0, 1))
+    study = optuna.create_study(sampler=expected)
+    assert mine.params["lam"] == study.ask().suggest_float("lam", 1e-5, 1e-1, log=True)
 
 
 # --- real worker processes -------------------------------------------------------------

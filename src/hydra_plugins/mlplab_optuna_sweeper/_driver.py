@@ -260,7 +260,8 @@ class Sweep:
         s = self.s
         study, created = _studies.open_study(storage, f"{name}.{stage.study_suffix}",
                                              s.direction)
-        study.sampler = _studies.make_sampler(s.sampler, self._seed(stage, 0))
+        study.sampler = _studies.make_sampler(s.sampler, None) if s.seed is None else \
+            _studies.SeededPerTrial(s.sampler, lambda n: self._seed(stage, n))
         spans = {p.name: _space.describe(p) for p in space}
         if created:
             study.set_user_attr("space", spans)
@@ -310,11 +311,7 @@ class Sweep:
         asked, told = [], set()
         try:
             for _ in range(size):
-                if self.s.seed is not None:  # seeded by the number this trial will get
-                    n_next = len(study.get_trials(deepcopy=False))
-                    study.sampler = _studies.make_sampler(self.s.sampler,
-                                                          self._seed(stage, n_next))
-                trial = study.ask()
+                trial = study.ask()  # the sampler is seeded by its number (SeededPerTrial)
                 trial.set_user_attr(WORKER, self.worker)
                 heartbeat.add(trial)
                 asked.append(trial)

@@ -89,6 +89,35 @@ def trial_seed(seed: int, stage: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, stage, number]).generate_state(1)[0])
 
 
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """The sampler `name`, made afresh for each trial with the seed `seed_of(number)`.
+
+    The number is the one the storage gave the trial, read in `before_trial`, which
+    Optuna calls when the trial is created and before anything is sampled for it:
+    two workers asking at once get different numbers, hence different draws (a
+    number counted before `ask` can be taken by the other worker meanwhile)."""
+
+    def __init__(self, name: str, seed_of):
+        self.name, self.seed_of = name, seed_of
+        self.sampler = make_sampler(name, None)
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self.sampler = make_sampler(self.name, self.seed_of(trial.number))
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+
 def open_study(storage, name: str, direction: str) -> tuple[optuna.Study, bool]:
     """Load the study `name`, or create it; True when this worker created it."""
 
