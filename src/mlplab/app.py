@@ -75,13 +75,12 @@ def build_network(cfg: DictConfig, ds: Dataset, rng) -> network.Network:
 
 
 def describe(net: network.Network, schedule) -> str:
-    arch = "-".join(map(str, net.sizes)) + (" +BN" if net.bn else "")
     if isinstance(schedule, schedules.Cyclical):
         sched = (f"CLR {schedule.eta_min:g}..{schedule.eta_max:g}, n_s={schedule.n_s}, "
                  f"{schedule.cycles} cycle(s)")
     else:
         sched = f"constant eta={schedule.eta:g}, {schedule.epochs} epochs"
-    return f"{arch}, {sched}"
+    return f"{net.arch}, {sched}"
 
 
 def hydra_overrides() -> str | None:
@@ -103,6 +102,16 @@ def in_multirun() -> bool:
         return False
 
 
+def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, str]:
+    """The tags every mlplab run carries: what ran, on which data, from which code and
+    command line, plus the config's own `tags`."""
+    from mlplab import tracking
+
+    return {"mlplab.summary": summary, "data_fingerprint": data_fingerprint,
+            "git_commit": tracking.git_commit(Path(__file__).parent),
+            "hydra_overrides": hydra_overrides(), **cfg.tags}
+
+
 def run_experiment(cfg: DictConfig) -> Outcome:
     """Validate, load, train and track one run. Raises ConfigError or DataError before
     anything is recorded; trainer.Diverged after marking the run FAILED."""
@@ -118,9 +127,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     summary = describe(net, schedule)
 
     t_cfg = cfg.tracking
-    tags = {"mlplab.summary": summary, "data_fingerprint": ds.fingerprint(),
-            "git_commit": tracking.git_commit(Path(__file__).parent),
-            "hydra_overrides": hydra_overrides(), **cfg.tags}
+    tags = run_tags(cfg, summary, ds.fingerprint())
     uri = tracking.resolve_uri(t_cfg.uri)
     t_wait = time.perf_counter()
     warming.join()
@@ -191,8 +198,9 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     )
 
 
-def _fail(message: str, code: int):
-    print(f"mlplab: error: {message}", file=sys.stderr)
+def exit_with(message: str, code: int):
+    """End a command with one line on stderr (no traceback) and an exit status."""
+    print(f"mlplab: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -206,11 +214,11 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DataError) as err:
         if multirun:
             raise
-        _fail(str(err), 2)
+        exit_with(f"error: {err}", 2)
     except trainer.Diverged as err:
-        print(f"mlplab: run FAILED: {err}", file=sys.stderr)
         if multirun:
+            print(f"mlplab: run FAILED: {err}", file=sys.stderr)
             return math.nan
-        sys.exit(1)
+        exit_with(f"run FAILED: {err}", 1)
     print_summary(outcome, cfg)
     return outcome.val_acc

@@ -86,14 +86,6 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
-def softmax(scores):
-    """scores: (n, k) -> probabilities: (n, k), computed stably."""
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=1, keepdims=True)
-    return shifted
-
-
 def softmax_cross_entropy(scores, y):
     """Mean cross-entropy of integer labels.
 

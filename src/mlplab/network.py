@@ -36,6 +36,11 @@ class Network:
         return [first] + [self.params[f"W{i}"].shape[1] for i in range(1, self.n_layers + 1)]
 
     @property
+    def arch(self) -> str:
+        """e.g. '3072-50-50-10 +BN': the sizes, and whether batch norm is on."""
+        return "-".join(map(str, self.sizes)) + (" +BN" if self.bn else "")
+
+    @property
     def dtype(self):
         return self.params["W1"].dtype
 

@@ -6,7 +6,6 @@ Hydra imports this module whenever it starts, so it stays light: the search itse
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ class MlplabOptunaSweeper(Sweeper):
         """Run the search. Like a single run, a bad config value or unusable data
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
+        from mlplab.app import exit_with
         from mlplab.config import ConfigError
         from mlplab.data import DataError
 
@@ -52,9 +52,9 @@ class MlplabOptunaSweeper(Sweeper):
             return Sweep(self.settings, self.config, self.launcher,
                          self._compose).run(list(arguments))
         except (ConfigError, DataError) as err:
-            _fail(f"error: {err}", 2)
+            exit_with(f"error: {err}", 2)
         except SweepFailed as err:
-            _fail(f"sweep FAILED: {err}", 1)
+            exit_with(f"sweep FAILED: {err}", 1)
 
     def _compose(self, overrides: list[str]) -> DictConfig:
         """The config of the job these overrides launch, as the launcher composes it."""
@@ -62,7 +62,3 @@ class MlplabOptunaSweeper(Sweeper):
         return self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                   list(overrides))
 
-
-def _fail(message: str, code: int):
-    print(f"mlplab: {message}", file=sys.stderr)
-    sys.exit(code)

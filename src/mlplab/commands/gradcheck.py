@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, gradcheck, network, tracking
-from mlplab.app import CONF_DIR, build_dataset, hydra_overrides, in_multirun
+from mlplab.app import CONF_DIR, build_dataset, exit_with, in_multirun, run_tags
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 
@@ -120,8 +120,7 @@ def reduced_problem(cfg: DictConfig):
 
 def describe(net: network.Network, cfg: DictConfig, lam: float) -> str:
     g = cfg.gradcheck
-    arch = "-".join(map(str, net.sizes)) + (" +BN" if net.bn else "")
-    return f"{arch}, n={g.n}, lam={lam:g}, h={g.h:g}, order {g.order}"
+    return f"{net.arch}, n={g.n}, lam={lam:g}, h={g.h:g}, order {g.order}"
 
 
 def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
@@ -149,10 +148,8 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
     with tracking.start_run(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
                             tags={"mlplab.kind": KIND}) as run:
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
-        run.set_tags({"mlplab.summary": summary, "data_fingerprint": fingerprint,
-                      "git_commit": tracking.git_commit(Path(__file__).parent),
-                      "hydra_overrides": hydra_overrides(),
-                      "gradcheck.result": "passed" if ok else "failed", **cfg.tags})
+        run.set_tags(run_tags(cfg, summary, fingerprint)
+                     | {"gradcheck.result": "passed" if ok else "failed"})
         metrics = {"gradcheck.passed": float(ok),
                    "gradcheck.max_rel_err": max((r.max_rel_err for r in rows if r.n_compared),
                                                 default=float("nan")),
@@ -193,8 +190,7 @@ def main(cfg: DictConfig) -> bool:
     except (ConfigError, DataError) as err:
         if in_multirun():
             raise
-        print(f"mlplab: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"error: {err}", 2)
     print(format_result(outcome.rows, outcome.summary, cfg))
     print(f"\n{outcome.seconds:.1f} s; recorded as run {outcome.run_id} (experiment "
           f"{cfg.tracking.experiment!r}): mlflow ui --backend-store-uri "
