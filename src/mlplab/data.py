@@ -230,13 +230,27 @@ def _raw_digits():
     return X[n_test:], y[n_test:], X[:n_test], y[:n_test]
 
 
+def _column_std(X: np.ndarray, mean: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """Per-column std in float64, a block of rows at a time: NumPy's X.std(axis=0)
+    makes full-size float64 temporaries (1.2 GB for 49,000 CIFAR rows) and took 0.6 s
+    of a 10,000-row load; blocks reuse a small buffer."""
+    total = np.zeros_like(mean)
+    block = np.empty((min(rows, len(X)), X.shape[1]), np.float64)
+    for start in range(0, len(X), rows):
+        part = block[:len(X[start:start + rows])]
+        np.subtract(X[start:start + rows], mean, out=part)
+        np.square(part, out=part)
+        total += part.sum(axis=0)
+    return np.sqrt(total / len(X))
+
+
 def standardise(X_train, *others, dtype=np.float32):
     """Scale every split by the training split's per-dimension mean and std.
 
     Returns (mean, std, X_train', *others'); constant dimensions get std 1.
     """
     mean = X_train.mean(axis=0, dtype=np.float64)
-    std = X_train.std(axis=0, dtype=np.float64)
+    std = _column_std(X_train, mean)
     std[std == 0] = 1.0
     mean, std = mean.astype(dtype), std.astype(dtype)
     scaled = []
