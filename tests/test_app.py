@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from mlflow import MlflowClient
 
 from mlplab import data
 from mlplab.app import run_experiment
+
+from .conftest import TINY_ROWS
 
 METRICS = ("train_loss", "train_cost", "train_acc", "val_loss", "val_cost", "val_acc", "lr")
 
@@ -32,13 +36,19 @@ def test_run_records_params_stepped_metrics_artifacts_and_a_loadable_model(
     assert run.data.metrics["test_acc"] == pytest.approx(outcome.final["test_acc"])
     assert outcome.val_acc == pytest.approx(run.data.metrics["final_val_acc"])
     assert run.data.tags["data_fingerprint"]
-    contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags
-                if t.key == "mlflow.data.context"}
-    assert contexts == {"training", "validation", "test"}  # every split, via log_inputs
+    assert run.data.tags["git_commit"]
+    inputs = {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags
+              if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"training", "validation", "test"}  # every split, via log_inputs
+    # described from the training process's arrays: the real shapes and dtype
+    profile = json.loads(inputs["training"].profile)
+    assert profile["features_shape"] == [TINY_ROWS, 3072]  # train on batch 1
+    assert "float32" in inputs["training"].schema
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "curves.png"} <= artifacts
     assert "class_templates.png" not in artifacts  # only for the 1-layer model
 
+    mlflow.set_tracking_uri(tracking_uri)
     model_uri = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], output_format="list")[0].model_uri
     model = mlflow.pyfunc.load_model(model_uri)

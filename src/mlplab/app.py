@@ -19,7 +19,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, data, network, schedules, trainer
+from mlplab import config, data, network, recorder, schedules, tracking, trainer, writer
 from mlplab.config import ConfigError
 from mlplab.data import DataError, Dataset
 
@@ -32,8 +32,8 @@ class Outcome:
     """What one run produced: final metrics, timing, and where it was recorded."""
 
     final: dict[str, float]
-    run_id: str
-    tracking_uri: str
+    run_id: str | None  # None: not tracked (tracking.enabled=false)
+    tracking_uri: str | None
     seconds: dict[str, float]
 
     @property
@@ -103,79 +103,94 @@ def in_multirun() -> bool:
 
 
 def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, str]:
-    """The tags every mlplab run carries: what ran, on which data, from which code and
-    command line, plus the config's own `tags`."""
-    from mlplab import tracking
-
+    """The tags every mlplab run carries beside its git commit: what ran, on which data
+    and from which command line, plus the config's own `tags`."""
     return {"mlplab.summary": summary, "data_fingerprint": data_fingerprint,
-            "git_commit": tracking.git_commit(Path(__file__).parent),
             "hydra_overrides": hydra_overrides(), **cfg.tags}
 
 
 def run_experiment(cfg: DictConfig) -> Outcome:
     """Validate, load, train and track one run. Raises ConfigError or DataError before
-    anything is recorded; trainer.Diverged after marking the run FAILED."""
-    from mlplab import tracking
+    anything is recorded; trainer.Diverged after marking the run FAILED;
+    writer.TrackingError if the run could not be recorded.
 
+    MLflow's work happens in the tracking writer process (`mlplab.writer`); the run is
+    complete in the store when this returns.
+    """
     t_start = time.perf_counter()
     config.validate(cfg)
-    warming = tracking.prewarm()  # MLflow's imports overlap with loading the data
+    t_cfg = cfg.tracking
+    if t_cfg.enabled:
+        writer.start()  # importing MLflow overlaps loading the data
+    else:
+        writer.stop_if_unused()  # train.py starts one early; it would slow training
     ds = build_dataset(cfg)
     schedule = build_schedule(cfg, len(ds.y_train))
     init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
     net = build_network(cfg, ds, np.random.default_rng(init_seed))
     summary = describe(net, schedule)
-
-    t_cfg = cfg.tracking
-    tags = run_tags(cfg, summary, ds.fingerprint())
-    uri = tracking.resolve_uri(t_cfg.uri)
-    t_wait = time.perf_counter()
-    warming.join()
-    from mlplab import plots, pyfunc_model
-
-    waited = time.perf_counter() - t_wait
-    with tracking.start_run(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
-                            parent_run_id=t_cfg.parent_run_id) as run:
-        run.seconds += waited  # the imports a run still waits for are tracking cost
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        run.log_params(tracking.flatten(resolved))
-        run.set_tags(tags)
-        run.log_datasets(ds)
-        try:
-            result = trainer.train(
-                net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
-                rng=np.random.default_rng(shuffle_seed),
-                evals_per_cycle=cfg.train.evals_per_cycle, progress=cfg.train.progress,
-                on_eval=lambda rec: run.log_metrics(
-                    {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]),
-            )
-        except trainer.Diverged as err:
-            run.set_tags({"failure": str(err)})
-            raise
-        final = result.final
-        run.log_metrics({"final_train_acc": final["train_acc"],
-                         "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
-                         "test_loss": final["test_loss"]}, step=result.steps)
-        with tempfile.TemporaryDirectory() as tmp, run.timed():
-            tmp = Path(tmp)
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-            plots.plot_curves(result.history, tmp / "curves.png", title=summary)
-            artifacts = [tmp / "config.yaml", tmp / "curves.png"]
-            if net.n_layers == 1:
-                plots.plot_class_templates(net.params["W1"], ds.image_shape, ds.class_names,
-                                           tmp / "class_templates.png")
-                artifacts.append(tmp / "class_templates.png")
-            for path in artifacts:
-                run.log_artifact(path)
-            if t_cfg.log_model:
-                examples = data.rows_to_images(
-                    _raw_examples(ds, pyfunc_model.EXAMPLE_ROWS), ds.image_shape)
-                pyfunc_model.log_model(net, ds.mean, ds.std, examples)
+    train = functools.partial(
+        trainer.train, net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
+        rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
+        progress=cfg.train.progress)
+    if not t_cfg.enabled:
+        result = train()
         seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
-                   "tracking": run.seconds, "wall": time.perf_counter() - t_start}
-        run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps,
-                        force=True)
-        return Outcome(final, run.run_id, uri, seconds)
+                   "tracking": 0.0, "wall": time.perf_counter() - t_start}
+        return Outcome(result.final, None, None, seconds)
+
+    uri = tracking.resolve_uri(t_cfg.uri)
+    run = writer.RemoteRun(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
+                           parent_run_id=t_cfg.parent_run_id)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        run.log_params(tracking.flatten(resolved))
+        run.set_tags(run_tags(cfg, summary, ds.fingerprint()))
+        run.log_datasets(tracking.dataset_spec(ds))
+        run.sync()  # nothing else runs while training: it would slow BLAS's threads
+        result = train(on_eval=lambda rec: run.log_metrics(
+            {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]))
+    except trainer.Diverged as err:
+        _end_after_error(run, "FAILED", str(err))
+        raise
+    except writer.TrackingError:
+        _end_after_error(run, "FAILED", report=False)
+        raise
+    except KeyboardInterrupt:
+        _end_after_error(run, "KILLED")
+        raise
+    except BaseException:
+        _end_after_error(run, "FAILED")
+        raise
+    final = result.final
+    run.log_metrics({"final_train_acc": final["train_acc"], "final_val_acc": final["val_acc"],
+                     "test_acc": final["test_acc"], "test_loss": final["test_loss"]},
+                    step=result.steps)
+    folder = Path(tempfile.mkdtemp(prefix="mlplab-run-"))  # the writer removes it
+    (folder / recorder.CONFIG_FILE).write_text(OmegaConf.to_yaml(resolved))
+    network.save(net, folder / recorder.NETWORK_FILE, mean=ds.mean, std=ds.std)
+    examples = None
+    if t_cfg.log_model:
+        examples = data.rows_to_images(_raw_examples(ds, recorder.EXAMPLE_ROWS), ds.image_shape)
+    run.log_outputs(str(folder), result.history, summary, ds.image_shape, ds.class_names,
+                    examples)
+    run.sync()  # the figure and the model are on the clock
+    seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
+               "tracking": run.seconds, "wall": time.perf_counter() - t_start}
+    run.end("FINISHED", metrics={f"{k}_seconds": v for k, v in seconds.items()},
+            step=result.steps)
+    return Outcome(final, run.run_id, uri, seconds)
+
+
+def _end_after_error(run: writer.RemoteRun, status: str, failure: str | None = None,
+                     report: bool = True):
+    """Close the run; the error that ended it is the one to raise, so a tracking
+    failure here is only reported."""
+    try:
+        run.end(status, failure=failure)
+    except writer.TrackingError as err:
+        if report:
+            print(f"mlplab: the run could not be closed in MLflow: {err}", file=sys.stderr)
 
 
 def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
@@ -187,15 +202,18 @@ def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
 def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     f, s = outcome.final, outcome.seconds
     share = 100 * s["tracking"] / s["wall"] if s["wall"] else 0.0
+    where = (f"mlplab run {outcome.run_id} (experiment {cfg.tracking.experiment!r})"
+             if outcome.run_id else "mlplab run, not tracked (tracking.enabled=false)")
     print(
-        f"\nmlplab run {outcome.run_id} (experiment {cfg.tracking.experiment!r})\n"
+        f"\n{where}\n"
         f"  accuracy  train {f['train_acc']:.4f}   val {f['val_acc']:.4f}   "
         f"test {f['test_acc']:.4f}\n"
         f"  cost      train {f['train_cost']:.4f}   val {f['val_cost']:.4f}\n"
         f"  seconds   train {s['train']:.1f}   eval {s['eval']:.1f}   "
-        f"tracking {s['tracking']:.1f} ({share:.1f}% of {s['wall']:.1f})\n"
-        f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}"
+        f"tracking {s['tracking']:.2f} ({share:.1f}% of {s['wall']:.1f})"
     )
+    if outcome.run_id:
+        print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
 
 
 def exit_with(message: str, code: int):
@@ -220,5 +238,9 @@ def main(cfg: DictConfig) -> float:
             print(f"mlplab: run FAILED: {err}", file=sys.stderr)
             return math.nan
         exit_with(f"run FAILED: {err}", 1)
+    except writer.TrackingError as err:
+        if multirun:
+            raise
+        exit_with(f"tracking failed: {err}", 1)
     print_summary(outcome, cfg)
     return outcome.val_acc

@@ -72,6 +72,7 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True  # false: train and print the summary, record nothing
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     experiment: str = "mlplab"
     run_name: str | None = None

@@ -8,7 +8,6 @@ the training split's statistics and returns class indices `(n,)` int64.
 from __future__ import annotations
 
 import logging
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from mlflow.types import Schema, TensorSpec
 
 from mlplab import network
 from mlplab.data import images_to_rows
-from mlplab.network import Network
 
 WEIGHTS = "weights"
-EXAMPLE_ROWS = 2
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -37,22 +34,21 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return network.predict_scores(self.net, rows).argmax(axis=1).astype(np.int64)
 
 
-def log_model(net: Network, mean, std, example_images: np.ndarray, name: str = "model"):
-    """Log the network with a signature and input example; returns MLflow's ModelInfo."""
+def log_model(weights: Path, example_images: np.ndarray, name: str = "model"):
+    """Log the network saved at `weights` (`network.save` with the input `mean` and
+    `std`) with a signature and input example; returns MLflow's ModelInfo."""
     shape = (-1, *example_images.shape[1:])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
     )
-    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
-        weights = Path(tmp) / "network.npz"
-        network.save(net, weights, mean=mean, std=std)
+    with _quiet_mlflow():
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=ImageClassifier(),
             artifacts={WEIGHTS: str(weights)},
             signature=signature,
-            input_example=example_images[:EXAMPLE_ROWS],
+            input_example=example_images,
             # Named explicitly: inferring requirements re-imports the model (seconds).
             pip_requirements=["mlplab", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}"],

@@ -1,17 +1,16 @@
-"""MLflow at the edge: where runs go, and logging that stays off the hot path.
+"""MLflow at the edge: where runs go, and how a run is written.
 
-Metrics are buffered and written with `log_batch` at most every FLUSH_SECONDS, so
-tracking costs a small, measured share of a run (`Run.seconds`). Writes to SQLite are
-retried when another process holds the database, so parallel trials don't fail.
+Metrics are buffered and written with `log_batch` at most every FLUSH_SECONDS. Writes
+to SQLite are retried when another process holds the database, so parallel trials
+don't fail. Training runs call this from the tracking writer process
+(`mlplab.writer`); the sweeper, the gradient check and the report call it directly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,33 +28,6 @@ T = TypeVar("T")
 # MLflow draws a bar for every artifact it reads back (e.g. validating the model's
 # input example); noise in a training log. A user's own setting wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def prewarm() -> threading.Thread:
-    """Import MLflow's store and model modules and matplotlib on a background thread.
-
-    That start-up (~2 s, once per process) then overlaps with loading the data, whose
-    NumPy work leaves the interpreter free; measured on an idle 2-core machine it cut
-    a reports run's tracking from 1.3-1.6 s to 0.3-0.4 s, and the process's wall time
-    by 2 s. The caller joins before opening the run and counts any wait as tracking.
-    An import that fails here is left for the caller to meet and report.
-    """
-
-    def imports():
-        with contextlib.suppress(Exception):
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-            from mlflow.utils import requirements_utils
-
-            import mlplab.plots  # noqa: F401
-            import mlplab.pyfunc_model  # noqa: F401
-
-            # The map of installed distributions that MLflow scans when it first logs
-            # a model (~0.5 s). Private: if it moves, the scan simply stays in the run.
-            requirements_utils._init_packages_to_modules_map()
-
-    thread = threading.Thread(target=imports, name="mlplab-prewarm", daemon=True)
-    thread.start()
-    return thread
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -135,18 +107,11 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
-class Run:
-    """One MLflow run: buffered metrics, artifacts, final status.
+class Timed:
+    """`seconds` adds up the wall time spent in `timed()` blocks: what tracking cost
+    the caller, reported against the run's total."""
 
-    `seconds` adds up the wall time spent in tracking calls, so the overhead can be
-    reported (and checked) against the run's total.
-    """
-
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-        self.seconds = 0.0
-        self._pending = []
-        self._last_flush = time.monotonic()
+    seconds: float = 0.0
 
     @contextmanager
     def timed(self):
@@ -155,6 +120,15 @@ class Run:
             yield
         finally:
             self.seconds += time.perf_counter() - t0
+
+
+class Run(Timed):
+    """One MLflow run: buffered metrics, artifacts, final status."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self._pending = []
+        self._last_flush = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float], step: int, force: bool = False):
         from mlflow.entities import Metric
@@ -189,42 +163,50 @@ class Run:
             items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
             with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
-    def log_datasets(self, ds) -> None:
-        """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
-        inputs, in one write; the fingerprint is the digest, so nothing is re-hashed."""
+    def log_datasets(self, spec: dict) -> None:
+        """The splits described by `dataset_spec` as MLflow dataset inputs, in one
+        write; the fingerprint is the digest, so nothing is re-hashed."""
         import mlflow
+        import numpy as np
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
         with self.timed():
             # An explicit source: MLflow's guess for a local path is ambiguous and warns.
-            if ds.source.startswith(("http://", "https://")):
-                source = HTTPDatasetSource(ds.source)
+            if spec["source"].startswith(("http://", "https://")):
+                source = HTTPDatasetSource(spec["source"])
             else:
-                source = CodeDatasetSource(tags={"uri": ds.source})
-            fingerprint = ds.fingerprint()
-            splits = (("train", "training"), ("val", "validation"), ("test", "test"))
+                source = CodeDatasetSource(tags={"uri": spec["source"]})
+            # MLflow reads only shapes and dtypes when the digest is given, so
+            # zero-stride stand-ins describe the splits without their data.
+            like = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)  # noqa: E731
             datasets = [mlflow.data.from_numpy(
-                getattr(ds, f"X_{split}"), targets=getattr(ds, f"y_{split}"), source=source,
-                name=f"{ds.name}-{split}", digest=f"{fingerprint}-{split}")
-                for split, _ in splits]
-            with_retries(lambda: mlflow.log_inputs(datasets=datasets,
-                                                   contexts=[c for _, c in splits],
-                                                   tags_list=[None] * len(splits)))
+                like(*split["features"]), targets=like(*split["targets"]), source=source,
+                name=f"{spec['name']}-{name}", digest=f"{spec['fingerprint']}-{name}")
+                for name, split in spec["splits"].items()]
+            contexts = [spec["splits"][name]["context"] for name in spec["splits"]]
+            with_retries(lambda: mlflow.log_inputs(datasets=datasets, contexts=contexts,
+                                                   tags_list=[None] * len(datasets)))
 
     def log_artifact(self, path: Path, folder: str | None = None):
         with self.timed():
             self.client.log_artifact(self.run_id, str(path), folder)
 
 
-@contextmanager
-def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
-              tags: dict[str, str] | None = None, parent_run_id: str | None = None):
-    """Open a run; it ends FINISHED, KILLED on Ctrl-C, FAILED on any other exception.
+    def end(self, status: str = "FINISHED") -> None:
+        """Write what is buffered and close the run with `status`."""
+        import mlflow
 
-    The run is also made the active fluent run, because MLflow's model and dataset
-    logging functions attach to it.
-    """
+        try:
+            self.flush()  # whatever was measured before a failure is kept
+        finally:
+            with_retries(lambda: mlflow.end_run(status=status))
+
+
+def open_run(*, uri: str | None, experiment: str, run_name: str | None = None,
+             tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Run:
+    """Start a run (tagged with the code's git commit) and make it MLflow's active
+    run, because MLflow's model and dataset logging functions attach to that."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -233,10 +215,21 @@ def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
     mlflow.set_tracking_uri(uri)
     client = with_retries(lambda: MlflowClient(uri), "open the tracking store")
     exp_id = get_or_create_experiment(client, experiment, uri)
+    tags = {"git_commit": git_commit(Path(__file__).parent), **(tags or {})}
+    tags = {k: str(v) for k, v in tags.items() if v is not None}
     active = with_retries(lambda: mlflow.start_run(
         experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
     run = Run(client, active.info.run_id)
     run.seconds = time.perf_counter() - t0  # opening the store is tracking cost too
+    return run
+
+
+@contextmanager
+def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
+              tags: dict[str, str] | None = None, parent_run_id: str | None = None):
+    """A run that ends FINISHED, KILLED on Ctrl-C, FAILED on any other exception."""
+    run = open_run(uri=uri, experiment=experiment, run_name=run_name, tags=tags,
+                   parent_run_id=parent_run_id)
     status = "FAILED"
     try:
         yield run
@@ -245,7 +238,17 @@ def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
         status = "KILLED"
         raise
     finally:
-        try:
-            run.flush()  # whatever was measured before a failure is kept
-        finally:
-            with_retries(lambda: mlflow.end_run(status=status))
+        run.end(status)
+
+
+def dataset_spec(ds) -> dict:
+    """What `Run.log_datasets` needs of an mlplab.data.Dataset: names, source,
+    fingerprint and each split's shapes and dtypes (not its data, which stays here)."""
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    splits = {}
+    for name, context in contexts.items():
+        X, y = getattr(ds, f"X_{name}"), getattr(ds, f"y_{name}")
+        splits[name] = {"features": (X.shape, X.dtype.str), "targets": (y.shape, y.dtype.str),
+                        "context": context}
+    return {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint(),
+            "splits": splits}

@@ -1,0 +1,80 @@
+"""What tracking costs: the same commands timed with MLflow tracking on and off.
+
+    python bench/bench_tracking.py [--repeats 5] [--data PATH --md5 MD5] [--skip-long]
+
+Each case runs `python train.py ...` as a user would (a fresh process in a fresh
+folder), alternating tracked and `tracking.enabled=false` runs so that the machine's
+drift hits both alike, and reports medians of whole-process wall time. The cost is
+`tracked - untracked`, shown in seconds and as a share of the tracked run's time.
+Cases: the README's main job (a short run: 1,000 steps on 10,000 images), four such
+runs as one multirun (MLflow's import is paid once per process), and the reports'
+3-layer BN setting (20 epochs on 45,000 images).
+
+The data comes from --data (a local copy of the archive), else $MLPLAB_CIFAR10_URL,
+else the official download; it is cached once before timing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["train.progress=false"]
+CASES = {  # name: train.py arguments
+    "main job (model.layers=[50,50] bn=true)": ["model.layers=[50,50]", "bn=true"],
+    "4 such runs in one multirun": ["--multirun", "model.layers=[50,50]", "bn=true",
+                                    "lam=0.001,0.003,0.01,0.03"],
+    "experiment=three_layer_bn (45k images, 20 epochs)": ["experiment=three_layer_bn"],
+}
+
+
+def timed_run(args: list[str], env: dict[str, str], tracked: bool) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, str(REPO / "train.py"), *args, *QUIET]
+        if not tracked:
+            command.append("tracking.enabled=false")
+        t0 = time.perf_counter()
+        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", help="a local CIFAR-10 archive (default: the official one)")
+    parser.add_argument("--md5", help="its MD5")
+    parser.add_argument("--skip-long", action="store_true", help="leave out three_layer_bn")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    if args.data:
+        env |= {"MLPLAB_CIFAR10_URL": args.data, "MLPLAB_CIFAR10_MD5": args.md5 or ""}
+    cases = {k: v for k, v in CASES.items() if not (args.skip_long and "three" in k)}
+    timed_run(["tracking.enabled=false", "schedule.n_s=1", "data.split=all"], env,
+              tracked=False)  # download/extract once, outside the timings
+
+    print(f"median of {args.repeats} alternating runs, whole `python train.py` processes")
+    print("| case | untracked s | tracked s | tracking costs s | share of tracked run |")
+    print("|---|---|---|---|---|")
+    for name, case in cases.items():
+        times = {True: [], False: []}
+        for _ in range(args.repeats):
+            for tracked in (True, False):
+                times[tracked].append(timed_run(case, env, tracked))
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        print(f"| {name} | {off:.2f} | {on:.2f} | {on - off:+.2f} | {(on - off) / on:.1%} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

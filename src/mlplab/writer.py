@@ -1,0 +1,284 @@
+"""The tracking writer: a background process that does a training run's MLflow work.
+
+MLflow takes ~2 s of CPU to import in every process. The training process starts
+this writer first thing (`start`), so that import runs beside Hydra's start-up and
+the data loading, and then only sends small messages down a pipe (`RemoteRun`); the
+writer runs them (`mlplab.recorder.RunRecorder`) in order.
+
+The training process waits for the writer before training and at the end: measured
+on a 2-core machine, any other busy process makes OpenBLAS's two threads, and so
+training, about 3x slower, so overlapping tracking work with training costs more
+than it saves. Ctrl-C reaches only the training process (the writer has its own
+session), which then ends its run KILLED; if the training process dies without ending
+its run, the writer ends it FAILED.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from mlplab.tracking import Timed
+
+CLOSE_TIMEOUT = 60.0  # seconds an exiting process waits for the writer to finish
+ORPHANED = "the training process ended without closing its run"
+FAILED_TO = {"open": "could not open a run", "log_params": "could not log the params",
+             "set_tags": "could not set the tags", "log_datasets": "could not log the datasets",
+             "log_metrics": "could not log metrics",
+             "log_outputs": "could not log the figures and the model",
+             "end": "could not close the run"}
+
+
+class TrackingError(RuntimeError):
+    """A run could not be recorded in MLflow."""
+
+
+class Writer:
+    """The training process's end of the pipe to one writer process."""
+
+    def __init__(self):
+        command_r, command_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlplab.writer", str(command_r), str(reply_w)],
+            pass_fds=(command_r, reply_w), stdin=subprocess.DEVNULL, start_new_session=True)
+        os.close(command_r)
+        os.close(reply_w)
+        self.pid = os.getpid()
+        self._commands = Connection(command_w, readable=False)
+        self._replies = Connection(reply_r, writable=False)
+        self._received: dict[tuple[str, int], object] = {}
+        self._next_key = 0
+
+    @property
+    def runs(self) -> int:
+        """How many runs this writer was given."""
+        return self._next_key
+
+    def new_key(self) -> int:
+        self._next_key += 1
+        return self._next_key - 1
+
+    def send(self, key: int, method: str, *args, **kwargs) -> None:
+        try:
+            self._commands.send((key, method, args, kwargs))
+        except OSError as err:
+            raise TrackingError(self._ended_message()) from err
+        self._take_replies(block=False)
+
+    def error(self, key: int, forget: bool = False) -> str | None:
+        """What went wrong with run `key`'s record, if anything."""
+        if forget:
+            return self._received.pop(("error", key), None)
+        return self._received.get(("error", key))
+
+    def wait(self, kind: str, key: int):
+        """Block until the writer reports `kind` for run `key`; TrackingError if that
+        run's record failed first or the writer is gone."""
+        failed = lambda: kind != "ended" and ("error", key) in self._received  # noqa: E731
+        while (kind, key) not in self._received and not failed():
+            self._take_replies(block=True)
+        if failed():
+            self._received.pop((kind, key), None)
+            raise TrackingError(self._received[("error", key)])
+        return self._received.pop((kind, key))
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Let the writer finish what it was sent (it exits at the end of the pipe);
+        one that was never given a run is stopped at once."""
+        if self.runs == 0:
+            self.process.kill()
+        self._commands.close()
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(EOFError, OSError):
+            while self._replies.poll(max(0.0, deadline - time.monotonic())):
+                self._keep(self._replies.recv())
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"mlplab: the tracking writer (pid {self.process.pid}) is still writing; "
+                  "it finishes on its own", file=sys.stderr)
+
+    def _take_replies(self, block: bool) -> None:
+        try:
+            if block:
+                self._keep(self._replies.recv())
+            while self._replies.poll(0):
+                self._keep(self._replies.recv())
+        except (EOFError, OSError) as err:
+            raise TrackingError(self._ended_message()) from err
+
+    def _keep(self, reply: tuple[str, int, object]) -> None:
+        kind, key, value = reply
+        self._received[(kind, key)] = value
+
+    def _ended_message(self) -> str:
+        code = self.process.poll()
+        state = "is not responding" if code is None else f"ended with exit code {code}"
+        return f"the tracking writer process (pid {self.process.pid}) {state}"
+
+
+_writer: Writer | None = None
+
+
+def start() -> Writer:
+    """This process's writer, started on first use (again if it has died)."""
+    global _writer
+    if _writer is None or _writer.pid != os.getpid() or _writer.process.poll() is not None:
+        _writer = Writer()
+        atexit.register(_writer.close)
+    return _writer
+
+
+def stop_if_unused() -> None:
+    """Stop a writer started early (train.py) that no run will use after all."""
+    global _writer
+    if _writer is not None and _writer.pid == os.getpid() and _writer.runs == 0:
+        _writer.close()
+        _writer = None
+
+
+class RemoteRun(Timed):
+    """A run recorded by the writer: calls return at once, `sync` and `end` wait.
+    `seconds` adds up the time the training process spent on them."""
+
+    def __init__(self, *, uri: str, experiment: str, run_name: str | None = None,
+                 parent_run_id: str | None = None):
+        self.writer = start()
+        self.key = self.writer.new_key()
+        self._call("open", uri, experiment, run_name, parent_run_id)
+
+    @property
+    def run_id(self) -> str:
+        with self.timed():
+            return self.writer.wait("opened", self.key)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._call("log_params", params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", tags)
+
+    def log_datasets(self, spec: dict) -> None:
+        self._call("log_datasets", spec)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_outputs(self, folder: str, history: list[dict], title: str, image_shape,
+                    class_names, examples=None) -> None:
+        self._call("log_outputs", folder, history, title, image_shape, class_names, examples)
+
+    def sync(self) -> None:
+        """Wait until everything sent so far is written."""
+        self._call("sync")
+        with self.timed():
+            self.writer.wait("synced", self.key)
+
+    def end(self, status: str, *, failure: str | None = None,
+            metrics: dict[str, float] | None = None, step: int = 0) -> None:
+        """Close the run with `status`; return once it is in the store. TrackingError
+        if any part of its record failed."""
+        with self.timed():
+            self.writer.send(self.key, "end", status, failure=failure, metrics=metrics,
+                             step=step)
+            self.writer.wait("ended", self.key)
+        error = self.writer.error(self.key, forget=True)
+        if error:
+            raise TrackingError(error)
+
+    def _call(self, method: str, *args) -> None:
+        with self.timed():
+            self.writer.send(self.key, method, *args)
+        error = self.writer.error(self.key)
+        if error:
+            raise TrackingError(error)
+
+
+# --- the writer process ------------------------------------------------------------
+
+def _import_store():
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    import mlplab.recorder  # noqa: F401
+
+
+def _import_outputs():
+    import mlplab.plots  # noqa: F401
+    import mlplab.pyfunc_model  # noqa: F401
+
+
+def _scan_packages():
+    # The map of installed distributions MLflow scans when it first logs a model
+    # (~0.3 s). Private: if it moves, the scan simply happens at that first model.
+    with contextlib.suppress(Exception):
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()
+
+
+def serve(commands: Connection, replies: Connection) -> None:
+    """Run the calls that arrive, in order, until the training process closes the pipe."""
+    from mlplab.recorder import RunRecorder
+
+    def reply(kind, key, value=None):
+        with contextlib.suppress(OSError):  # the training process may be gone
+            replies.send((kind, key, value))
+
+    recorders: dict[int, RunRecorder] = {}
+    failures: dict[int, str] = {}
+    while True:
+        try:
+            key, method, args, kwargs = commands.recv()
+        except EOFError:
+            break
+        if method == "sync":
+            reply("synced", key)
+            continue
+        recorder = recorders.setdefault(key, RunRecorder())
+        if key in failures:
+            if method != "end":
+                continue  # the record is broken: only closing it is still worth doing
+            args, kwargs = ("FAILED",), {"failure": f"tracking failed: {failures[key]}"}
+        try:
+            value = getattr(recorder, method)(*args, **kwargs)
+        except Exception as err:
+            failures[key] = f"{FAILED_TO.get(method, method)}: {err}"
+            reply("error", key, failures[key])
+        else:
+            if method == "open":
+                reply("opened", key, value)
+        if method == "end":
+            del recorders[key]
+            reply("ended", key)
+    for recorder in recorders.values():
+        with contextlib.suppress(Exception):
+            recorder.end("FAILED", failure=ORPHANED)
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
+    commands = Connection(int(argv[0]), writable=False)
+    replies = Connection(int(argv[1]), readable=False)
+    # Everything a run needs, before the first call: the training process waits for
+    # the writer before it trains, and nothing should be left to run beside training.
+    _import_store()
+    _import_outputs()
+    _scan_packages()
+    serve(commands, replies)
+    # Every write above is committed. Skip the interpreter's teardown: with MLflow
+    # loaded it took ~1 s (module cleanup, MLflow's telemetry thread), and the
+    # training process waits for this exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
