@@ -107,3 +107,28 @@ def test_runs_in_one_process_share_one_writer(make_cfg):
     pid = writer.start().process.pid
     second = app.run_experiment(make_cfg("schedule.n_s=3", "tracking.log_model=false"))
     assert writer.start().process.pid == pid and first.run_id != second.run_id
+
+
+def test_a_trial_that_does_not_wait_is_complete_after_a_flush(make_cfg, tracking_uri):
+    outcome = app.run_experiment(make_cfg("schedule.n_s=3"), wait=False)
+    writer.flush()
+    run = MlflowClient(tracking_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+    assert {"config.yaml", "curves.png"} <= {
+        a.path for a in MlflowClient(tracking_uri).list_artifacts(outcome.run_id)}
+
+
+def test_a_failure_after_an_unwaited_end_is_reported_not_raised_into_the_next_run(
+        tracking_uri, capfd):
+    first = writer.RemoteRun(uri=tracking_uri, experiment="unwaited")
+    first.log_outputs("/nonexistent/folder", [], "t", (32, 32, 3), ["a"] * 10)
+    first.end("FINISHED", wait=False)
+    second = writer.RemoteRun(uri=tracking_uri, experiment="unwaited")
+    second.sync()
+    second.end("FINISHED")  # no error of the first run's here
+    writer.flush()
+    err = capfd.readouterr().err
+    assert f"run {first.run_id} was not fully recorded" in err
+    assert "could not log the figures and the model" in err
+    statuses = {r.info.run_id: r.info.status for r in _runs(tracking_uri)}
+    assert statuses == {first.run_id: "FAILED", second.run_id: "FINISHED"}

@@ -109,13 +109,15 @@ def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, 
             "hydra_overrides": hydra_overrides(), **cfg.tags}
 
 
-def run_experiment(cfg: DictConfig) -> Outcome:
+def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     """Validate, load, train and track one run. Raises ConfigError or DataError before
     anything is recorded; trainer.Diverged after marking the run FAILED;
     writer.TrackingError if the run could not be recorded.
 
-    MLflow's work happens in the tracking writer process (`mlplab.writer`); the run is
-    complete in the store when this returns.
+    MLflow's work happens in the tracking writer process (`mlplab.writer`). With
+    `wait` the run is complete in the store when this returns; without (a multirun's
+    trials) the writer finishes its figure and model while the caller goes on, and
+    `writer.flush()` waits for it.
     """
     t_start = time.perf_counter()
     config.validate(cfg)
@@ -174,11 +176,12 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         examples = data.rows_to_images(_raw_examples(ds, recorder.EXAMPLE_ROWS), ds.image_shape)
     run.log_outputs(str(folder), result.history, summary, ds.image_shape, ds.class_names,
                     examples)
-    run.sync()  # the figure and the model are on the clock
+    if wait:
+        run.sync()  # the figure and the model are on the clock
     seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
                "tracking": run.seconds, "wall": time.perf_counter() - t_start}
     run.end("FINISHED", metrics={f"{k}_seconds": v for k, v in seconds.items()},
-            step=result.steps)
+            step=result.steps, wait=wait)
     return Outcome(final, run.run_id, uri, seconds)
 
 
@@ -228,7 +231,7 @@ def main(cfg: DictConfig) -> float:
     by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
     multirun = in_multirun()
     try:
-        outcome = run_experiment(cfg)
+        outcome = run_experiment(cfg, wait=not multirun)
     except (ConfigError, DataError) as err:
         if multirun:
             raise

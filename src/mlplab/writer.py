@@ -5,18 +5,22 @@ this writer first thing (`start`), so that import runs beside Hydra's start-up a
 the data loading, and then only sends small messages down a pipe (`RemoteRun`); the
 writer runs them (`mlplab.recorder.RunRecorder`) in order.
 
-The training process waits for the writer before training and at the end: measured
-on a 2-core machine, any other busy process makes OpenBLAS's two threads, and so
-training, about 3x slower, so overlapping tracking work with training costs more
-than it saves. Ctrl-C reaches only the training process (the writer has its own
-session), which then ends its run KILLED; if the training process dies without ending
-its run, the writer ends it FAILED.
+The training process waits for the writer before training: measured on a 2-core
+machine, any other busy process makes OpenBLAS's two threads, and so training, about
+3x slower, so overlapping tracking work with training costs more than it saves. A
+single run also waits at its end, so the command ends with the run in the store; a
+trial of a multirun does not (`end(wait=False)`): the writer draws its figure while
+Hydra sets up the next trial, whose wait before training covers the rest, and the
+process waits for the writer when it exits. Ctrl-C reaches only the training process
+(the writer has its own session), which then ends its run KILLED; if the training
+process dies without ending its run, the writer ends it FAILED.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -53,7 +57,9 @@ class Writer:
         self.pid = os.getpid()
         self._commands = Connection(command_w, readable=False)
         self._replies = Connection(reply_r, writable=False)
-        self._received: dict[tuple[str, int], object] = {}
+        self._received: dict[tuple[str, int], tuple[int, object]] = {}  # (order, value)
+        self._order = itertools.count()
+        self._unwaited: dict[int, str] = {}  # ended without waiting: key -> run id
         self._next_key = 0
 
     @property
@@ -74,20 +80,37 @@ class Writer:
 
     def error(self, key: int, forget: bool = False) -> str | None:
         """What went wrong with run `key`'s record, if anything."""
-        if forget:
-            return self._received.pop(("error", key), None)
-        return self._received.get(("error", key))
+        entry = (self._received.pop if forget else self._received.get)(("error", key), None)
+        return entry[1] if entry else None
 
     def wait(self, kind: str, key: int):
         """Block until the writer reports `kind` for run `key`; TrackingError if that
-        run's record failed first or the writer is gone."""
-        failed = lambda: kind != "ended" and ("error", key) in self._received  # noqa: E731
-        while (kind, key) not in self._received and not failed():
+        run's record failed before (replies come in the order of the calls) or the
+        writer is gone. "ended" always comes: the caller asks `error` after it."""
+        failed = ("error", key) if kind != "ended" else None
+        while (kind, key) not in self._received and failed not in self._received:
             self._take_replies(block=True)
-        if failed():
+        if failed in self._received and (
+                (kind, key) not in self._received or
+                self._received[failed][0] < self._received[(kind, key)][0]):
             self._received.pop((kind, key), None)
-            raise TrackingError(self._received[("error", key)])
-        return self._received.pop((kind, key))
+            raise TrackingError(self._received[failed][1])
+        return self._received.pop((kind, key))[1]
+
+    def end_unwaited(self, key: int, run_id: str) -> None:
+        """Run `key` was ended without waiting: drop its replies as they come, and
+        report a failure of its record on stderr (its caller has moved on)."""
+        self._unwaited[key] = run_id
+        for kind in ("opened", "synced", "error"):
+            order_value = self._received.pop((kind, key), None)
+            if kind == "error" and order_value:
+                self._report(key, order_value[1])
+        self._take_replies(block=False)
+
+    def flush(self) -> None:
+        """Wait until every run ended without waiting is in the store."""
+        while self._unwaited:
+            self._take_replies(block=True)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let the writer finish what it was sent (it exits at the end of the pipe);
@@ -116,7 +139,16 @@ class Writer:
 
     def _keep(self, reply: tuple[str, int, object]) -> None:
         kind, key, value = reply
-        self._received[(kind, key)] = value
+        if key not in self._unwaited:
+            self._received[(kind, key)] = (next(self._order), value)
+        elif kind == "error":
+            self._report(key, value)
+        elif kind == "ended":
+            del self._unwaited[key]
+
+    def _report(self, key: int, message: str) -> None:
+        print(f"mlplab: run {self._unwaited[key]} was not fully recorded: {message}",
+              file=sys.stderr)
 
     def _ended_message(self) -> str:
         code = self.process.poll()
@@ -136,6 +168,12 @@ def start() -> Writer:
     return _writer
 
 
+def flush() -> None:
+    """Wait until this process's runs are all in the store (a sweeper reads them)."""
+    if _writer is not None and _writer.pid == os.getpid():
+        _writer.flush()
+
+
 def stop_if_unused() -> None:
     """Stop a writer started early (train.py) that no run will use after all."""
     global _writer
@@ -152,12 +190,15 @@ class RemoteRun(Timed):
                  parent_run_id: str | None = None):
         self.writer = start()
         self.key = self.writer.new_key()
+        self._run_id: str | None = None
         self._call("open", uri, experiment, run_name, parent_run_id)
 
     @property
     def run_id(self) -> str:
-        with self.timed():
-            return self.writer.wait("opened", self.key)
+        if self._run_id is None:
+            with self.timed():
+                self._run_id = self.writer.wait("opened", self.key)
+        return self._run_id
 
     def log_params(self, params: dict[str, str]) -> None:
         self._call("log_params", params)
@@ -182,12 +223,17 @@ class RemoteRun(Timed):
             self.writer.wait("synced", self.key)
 
     def end(self, status: str, *, failure: str | None = None,
-            metrics: dict[str, float] | None = None, step: int = 0) -> None:
-        """Close the run with `status`; return once it is in the store. TrackingError
-        if any part of its record failed."""
+            metrics: dict[str, float] | None = None, step: int = 0,
+            wait: bool = True) -> None:
+        """Close the run with `status`. With `wait`, return once it is in the store
+        and raise TrackingError if any part of its record failed."""
+        run_id = None if wait else self.run_id
         with self.timed():
             self.writer.send(self.key, "end", status, failure=failure, metrics=metrics,
                              step=step)
+            if not wait:
+                self.writer.end_unwaited(self.key, run_id)
+                return
             self.writer.wait("ended", self.key)
         error = self.writer.error(self.key, forget=True)
         if error:

@@ -34,14 +34,14 @@ import re
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from mlplab import tracking
+from mlplab import tracking, writer
 from mlplab.config import ConfigError
 from mlplab.config import validate as validate_config
 from mlplab.data import DataError
@@ -184,6 +184,8 @@ class Sweep:
             status = "KILLED"
             raise
         finally:
+            with suppress(writer.TrackingError):
+                writer.flush()  # this process's trials end without waiting for MLflow
             parent.set_status(status)
         return records
 

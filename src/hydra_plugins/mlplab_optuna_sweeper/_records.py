@@ -24,7 +24,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab import plots, tracking
+from mlplab import plots, tracking, writer
 
 from ._space import Param
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
+CHILD_WAIT_SECONDS = 60.0  # how long to wait for a finished trial's run to be written
 FINAL = "final"
 TEST_ACC = "test_acc"  # the app's metric on the final retrain, copied to the trial
 MAX_TAG_LENGTH = 5000
@@ -164,10 +165,20 @@ class ParentRun:
                         r.info.run_id, "KILLED"))
 
     def test_accuracy(self, stage: str, number: int) -> float | None:
-        for run in self.children(stage, number):
-            if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics:
-                return run.data.metrics[TEST_ACC]
-        return None
+        """A finished trial's test accuracy, from its child run. Trials end without
+        waiting for their tracking writer: here it is flushed, and a run written by a
+        launcher's worker is waited for until it is no longer RUNNING."""
+        writer.flush()
+        deadline = time.monotonic() + CHILD_WAIT_SECONDS
+        while True:
+            runs = self.children(stage, number)
+            for run in runs:
+                if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics:
+                    return run.data.metrics[TEST_ACC]
+            if not any(r.info.status == "RUNNING" for r in runs) or \
+                    time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
 
     # --- summary ----------------------------------------------------------------------
 
