@@ -2,12 +2,14 @@
 
 import sys
 
-# A single run starts its tracking writer first thing, so that MLflow's import runs
-# beside Hydra's start-up (~0.3 s sooner done). Not for a multirun, whose trials may
-# run elsewhere (a launcher's workers), nor for Hydra's informational flags.
-NO_RUN = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info",
-          "-sc", "--shell-completion", "tracking.enabled=false"}
-if __name__ == "__main__" and not NO_RUN & set(sys.argv[1:]):
+# Start the tracking writer first thing, so that MLflow's import runs beside Hydra's
+# start-up. Not for Hydra's informational flags, untracked runs, or a multirun whose
+# trials run in a launcher's workers (each starts its own).
+NO_RUN = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc",
+          "--shell-completion", "tracking.enabled=false"}
+ELSEWHERE = ("hydra/launcher=", "+hydra/launcher=")
+if __name__ == "__main__" and not NO_RUN & set(sys.argv[1:]) and not any(
+        arg.startswith(ELSEWHERE) for arg in sys.argv[1:]):
     from mlplab import writer
 
     writer.start()
