@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import app, trainer, writer
+from mlplab import app, trainer, writer, writer_process
 from tests.conftest import REPO
 
 TINY = ["model.layers=[8]", "train.batch_size=10", "train.progress=false"]
@@ -49,7 +49,7 @@ def test_a_training_process_killed_mid_run_leaves_its_run_failed_not_running(
     assert done.returncode == -signal.SIGKILL
     [run] = _wait_for(lambda: [r for r in _runs(tracking_uri) if r.info.status != "RUNNING"])
     assert run.info.status == "FAILED"
-    assert run.data.tags["failure"] == writer.ORPHANED
+    assert run.data.tags["failure"] == writer_process.ORPHANED
     assert run.data.metrics["train_loss"] == pytest.approx(2.3)  # what was sent is kept
 
 
@@ -132,3 +132,20 @@ def test_a_failure_after_an_unwaited_end_is_reported_not_raised_into_the_next_ru
     assert "could not log the figures and the model" in err
     statuses = {r.info.run_id: r.info.status for r in _runs(tracking_uri)}
     assert statuses == {first.run_id: "FAILED", second.run_id: "FINISHED"}
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (OSError, "FAILED")])
+def test_an_error_after_training_closes_the_run_and_the_next_run_still_records(
+        make_cfg, tracking_uri, monkeypatch, error, status):
+    def failing_outputs(*args, **kwargs):
+        raise error()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app, "_log_outputs", failing_outputs)
+        with pytest.raises(error):
+            app.run_experiment(make_cfg("schedule.n_s=3", "tracking.run_name=first"))
+    second = app.run_experiment(make_cfg("schedule.n_s=3", "tracking.run_name=second",
+                                         "tracking.log_model=false"))
+    statuses = {r.info.run_name: r.info.status for r in _runs(tracking_uri)}
+    assert statuses == {"first": status, "second": "FINISHED"}
+    assert second.run_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -125,6 +126,7 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     if t_cfg.enabled:
         writer.start()  # importing MLflow overlaps loading the data
     else:
+        writer.flush()  # nothing of a tracked trial before may run beside training
         writer.stop_if_unused()  # train.py starts one early; it would slow training
     ds = build_dataset(cfg)
     schedule = build_schedule(cfg, len(ds.y_train))
@@ -144,14 +146,21 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     uri = tracking.resolve_uri(t_cfg.uri)
     run = writer.RemoteRun(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
                            parent_run_id=t_cfg.parent_run_id)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    try:
+    try:  # from here on, whatever happens, the run is closed with a status
+        resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint()))
         run.log_datasets(tracking.dataset_spec(ds))
         run.sync()  # nothing else runs while training: it would slow BLAS's threads
         result = train(on_eval=lambda rec: run.log_metrics(
             {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]))
+        final = result.final
+        run.log_metrics({"final_train_acc": final["train_acc"],
+                         "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
+                         "test_loss": final["test_loss"]}, step=result.steps)
+        _log_outputs(run, resolved, net, ds, result, summary, t_cfg.log_model)
+        if wait:
+            run.sync()  # the figure and the model are on the clock
     except trainer.Diverged as err:
         _end_after_error(run, "FAILED", str(err))
         raise
@@ -164,25 +173,30 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     except BaseException:
         _end_after_error(run, "FAILED")
         raise
-    final = result.final
-    run.log_metrics({"final_train_acc": final["train_acc"], "final_val_acc": final["val_acc"],
-                     "test_acc": final["test_acc"], "test_loss": final["test_loss"]},
-                    step=result.steps)
-    folder = Path(tempfile.mkdtemp(prefix="mlplab-run-"))  # the writer removes it
-    (folder / recorder.CONFIG_FILE).write_text(OmegaConf.to_yaml(resolved))
-    network.save(net, folder / recorder.NETWORK_FILE, mean=ds.mean, std=ds.std)
-    examples = None
-    if t_cfg.log_model:
-        examples = data.rows_to_images(_raw_examples(ds, recorder.EXAMPLE_ROWS), ds.image_shape)
-    run.log_outputs(str(folder), result.history, summary, ds.image_shape, ds.class_names,
-                    examples)
-    if wait:
-        run.sync()  # the figure and the model are on the clock
     seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
                "tracking": run.seconds, "wall": time.perf_counter() - t_start}
     run.end("FINISHED", metrics={f"{k}_seconds": v for k, v in seconds.items()},
             step=result.steps, wait=wait)
     return Outcome(final, run.run_id, uri, seconds)
+
+
+def _log_outputs(run: writer.RemoteRun, resolved: dict, net: network.Network, ds: Dataset,
+                 result: trainer.Result, summary: str, log_model: bool) -> None:
+    """Hand the writer a folder with the config and the trained network (it draws the
+    figures, logs them and the model, and removes the folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="mlplab-run-"))
+    try:
+        (folder / recorder.CONFIG_FILE).write_text(OmegaConf.to_yaml(resolved))
+        network.save(net, folder / recorder.NETWORK_FILE, mean=ds.mean, std=ds.std)
+        examples = None
+        if log_model:
+            examples = data.rows_to_images(_raw_examples(ds, recorder.EXAMPLE_ROWS),
+                                           ds.image_shape)
+        run.log_outputs(str(folder), result.history, summary, ds.image_shape,
+                        ds.class_names, examples)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # the writer never got it
+        raise
 
 
 def _end_after_error(run: writer.RemoteRun, status: str, failure: str | None = None,

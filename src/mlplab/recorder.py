@@ -7,6 +7,7 @@ network travels as a file the training process saved, so nothing big crosses ove
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,13 @@ class RunRecorder:
         self.run: tracking.Run | None = None
 
     def open(self, uri: str, experiment: str, run_name: str | None,
-             parent_run_id: str | None) -> str:
+             parent_run_id: str | None, environ: dict[str, str], cwd: str) -> str:
+        """Start the run as the training process would, in its environment and folder
+        as they are now (Hydra may have set variables or changed folder since this
+        process started)."""
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
         self.run = tracking.open_run(uri=uri, experiment=experiment, run_name=run_name,
                                      parent_run_id=parent_run_id)
         return self.run.run_id

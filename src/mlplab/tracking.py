@@ -192,15 +192,19 @@ class Run(Timed):
         with self.timed():
             self.client.log_artifact(self.run_id, str(path), folder)
 
-
     def end(self, status: str = "FINISHED") -> None:
-        """Write what is buffered and close the run with `status`."""
+        """Write what is buffered and close the run with `status` (and, if it is
+        MLflow's active run, clear that, so the next run can start)."""
         import mlflow
 
         try:
             self.flush()  # whatever was measured before a failure is kept
         finally:
-            with_retries(lambda: mlflow.end_run(status=status))
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                with_retries(lambda: mlflow.end_run(status=status))
+            else:
+                with_retries(lambda: self.client.set_terminated(self.run_id, status))
 
 
 def open_run(*, uri: str | None, experiment: str, run_name: str | None = None,

@@ -1,9 +1,10 @@
 """The tracking writer: a background process that does a training run's MLflow work.
 
-MLflow takes ~2 s of CPU to import in every process. The training process starts
-this writer first thing (`start`), so that import runs beside Hydra's start-up and
-the data loading, and then only sends small messages down a pipe (`RemoteRun`); the
-writer runs them (`mlplab.recorder.RunRecorder`) in order.
+MLflow takes ~2.7 s of CPU to import in every process. The training process starts
+the writer (`mlplab.writer_process`) first thing (`start`), so that import runs
+beside Hydra's start-up and the data loading, and then only sends small messages
+down a pipe (`RemoteRun`); the writer runs them (`mlplab.recorder.RunRecorder`) in
+order.
 
 The training process waits for the writer before training: measured on a 2-core
 machine, any other busy process makes OpenBLAS's two threads, and so training, about
@@ -11,9 +12,10 @@ machine, any other busy process makes OpenBLAS's two threads, and so training, a
 single run also waits at its end, so the command ends with the run in the store; a
 trial of a multirun does not (`end(wait=False)`): the writer draws its figure while
 Hydra sets up the next trial, whose wait before training covers the rest, and the
-process waits for the writer when it exits. Ctrl-C reaches only the training process
-(the writer has its own session), which then ends its run KILLED; if the training
-process dies without ending its run, the writer ends it FAILED.
+process waits for the writer when it exits (at most CLOSE_TIMEOUT; then the writer
+finishes on its own). Ctrl-C reaches only the training process (the writer has its
+own session), which then ends its run KILLED; if the training process dies without
+ending its run, the writer ends it FAILED.
 """
 
 from __future__ import annotations
@@ -31,12 +33,6 @@ from multiprocessing.connection import Connection
 from mlplab.tracking import Timed
 
 CLOSE_TIMEOUT = 60.0  # seconds an exiting process waits for the writer to finish
-ORPHANED = "the training process ended without closing its run"
-FAILED_TO = {"open": "could not open a run", "log_params": "could not log the params",
-             "set_tags": "could not set the tags", "log_datasets": "could not log the datasets",
-             "log_metrics": "could not log metrics",
-             "log_outputs": "could not log the figures and the model",
-             "end": "could not close the run"}
 
 
 class TrackingError(RuntimeError):
@@ -49,12 +45,20 @@ class Writer:
     def __init__(self):
         command_r, command_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlplab.writer", str(command_r), str(reply_w)],
-            pass_fds=(command_r, reply_w), stdin=subprocess.DEVNULL, start_new_session=True)
-        os.close(command_r)
-        os.close(reply_w)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlplab.writer_process", str(command_r), str(reply_w)],
+                pass_fds=(command_r, reply_w), stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        except BaseException:
+            os.close(command_w)
+            os.close(reply_r)
+            raise
+        finally:  # the writer's ends
+            os.close(command_r)
+            os.close(reply_w)
         self.pid = os.getpid()
+        self.broken = False  # a message was cut short: the pipe can't be trusted
         self._commands = Connection(command_w, readable=False)
         self._replies = Connection(reply_r, writable=False)
         self._received: dict[tuple[str, int], tuple[int, object]] = {}  # (order, value)
@@ -72,10 +76,16 @@ class Writer:
         return self._next_key - 1
 
     def send(self, key: int, method: str, *args, **kwargs) -> None:
+        self._check()
+        # Ctrl-C waits until the message is whole: a message cut in two would break
+        # every message after it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._commands.send((key, method, args, kwargs))
         except OSError as err:
             raise TrackingError(self._ended_message()) from err
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._take_replies(block=False)
 
     def error(self, key: int, forget: bool = False) -> str | None:
@@ -98,8 +108,8 @@ class Writer:
         return self._received.pop((kind, key))[1]
 
     def end_unwaited(self, key: int, run_id: str) -> None:
-        """Run `key` was ended without waiting: drop its replies as they come, and
-        report a failure of its record on stderr (its caller has moved on)."""
+        """Run `key` is about to be ended without waiting: drop its replies as they
+        come, and report a failure of its record on stderr (its caller moves on)."""
         self._unwaited[key] = run_id
         for kind in ("opened", "synced", "error"):
             order_value = self._received.pop((kind, key), None)
@@ -115,6 +125,8 @@ class Writer:
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let the writer finish what it was sent (it exits at the end of the pipe);
         one that was never given a run is stopped at once."""
+        if self.pid != os.getpid():  # a forked child exiting: the writer is not its own
+            return
         if self.runs == 0:
             self.process.kill()
         self._commands.close()
@@ -129,6 +141,7 @@ class Writer:
                   "it finishes on its own", file=sys.stderr)
 
     def _take_replies(self, block: bool) -> None:
+        self._check()
         try:
             if block:
                 self._keep(self._replies.recv())
@@ -136,6 +149,14 @@ class Writer:
                 self._keep(self._replies.recv())
         except (EOFError, OSError) as err:
             raise TrackingError(self._ended_message()) from err
+        except BaseException:  # e.g. Ctrl-C inside a reply: the rest may be misread
+            self.broken = True
+            raise
+
+    def _check(self) -> None:
+        if self.broken:
+            raise TrackingError("the pipe to the tracking writer was interrupted mid-"
+                                "message; the writer ends this process's open runs FAILED")
 
     def _keep(self, reply: tuple[str, int, object]) -> None:
         kind, key, value = reply
@@ -160,8 +181,12 @@ _writer: Writer | None = None
 
 
 def start() -> Writer:
-    """This process's writer, started on first use (again if it has died)."""
+    """This process's writer, started on first use (again if it has died or its pipe
+    broke; a broken one ends its open runs FAILED when it sees the pipe close)."""
     global _writer
+    if _writer is not None and _writer.pid == os.getpid() and _writer.broken:
+        _writer.close(timeout=0)
+        _writer = None
     if _writer is None or _writer.pid != os.getpid() or _writer.process.poll() is not None:
         _writer = Writer()
         atexit.register(_writer.close)
@@ -191,7 +216,8 @@ class RemoteRun(Timed):
         self.writer = start()
         self.key = self.writer.new_key()
         self._run_id: str | None = None
-        self._call("open", uri, experiment, run_name, parent_run_id)
+        self._call("open", uri, experiment, run_name, parent_run_id, dict(os.environ),
+                   os.getcwd())
 
     @property
     def run_id(self) -> str:
@@ -227,12 +253,12 @@ class RemoteRun(Timed):
             wait: bool = True) -> None:
         """Close the run with `status`. With `wait`, return once it is in the store
         and raise TrackingError if any part of its record failed."""
-        run_id = None if wait else self.run_id
         with self.timed():
+            if not wait:  # before sending: "ended" may come back at once
+                self.writer.end_unwaited(self.key, self.run_id)
             self.writer.send(self.key, "end", status, failure=failure, metrics=metrics,
                              step=step)
             if not wait:
-                self.writer.end_unwaited(self.key, run_id)
                 return
             self.writer.wait("ended", self.key)
         error = self.writer.error(self.key, forget=True)
@@ -245,94 +271,3 @@ class RemoteRun(Timed):
         error = self.writer.error(self.key)
         if error:
             raise TrackingError(error)
-
-
-# --- the writer process ------------------------------------------------------------
-
-def _import_store():
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-    import mlplab.recorder  # noqa: F401
-
-
-def _import_outputs():
-    import io
-
-    import mlplab.plots
-    import mlplab.pyfunc_model  # noqa: F401
-
-    # The first figure of a process costs ~0.1 s more (fonts, building the figure):
-    # drawn here, that overlaps the data loading instead of ending the first run.
-    point = {"step": 0, **{f"{s}_{k}": 0.0 for s in ("train", "val")
-                           for k in ("cost", "loss", "acc")}}
-    mlplab.plots.plot_curves([point], io.BytesIO())
-
-
-def _scan_packages():
-    # The map of installed distributions MLflow scans when it first logs a model
-    # (~0.3 s). Private: if it moves, the scan simply happens at that first model.
-    with contextlib.suppress(Exception):
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_packages_to_modules_map()
-
-
-def serve(commands: Connection, replies: Connection) -> None:
-    """Run the calls that arrive, in order, until the training process closes the pipe."""
-    from mlplab.recorder import RunRecorder
-
-    def reply(kind, key, value=None):
-        with contextlib.suppress(OSError):  # the training process may be gone
-            replies.send((kind, key, value))
-
-    recorders: dict[int, RunRecorder] = {}
-    failures: dict[int, str] = {}
-    while True:
-        try:
-            key, method, args, kwargs = commands.recv()
-        except EOFError:
-            break
-        if method == "sync":
-            reply("synced", key)
-            continue
-        recorder = recorders.setdefault(key, RunRecorder())
-        if key in failures:
-            if method != "end":
-                continue  # the record is broken: only closing it is still worth doing
-            args, kwargs = ("FAILED",), {"failure": f"tracking failed: {failures[key]}"}
-        try:
-            value = getattr(recorder, method)(*args, **kwargs)
-        except Exception as err:
-            failures[key] = f"{FAILED_TO.get(method, method)}: {err}"
-            reply("error", key, failures[key])
-        else:
-            if method == "open":
-                reply("opened", key, value)
-        if method == "end":
-            del recorders[key]
-            reply("ended", key)
-    for recorder in recorders.values():
-        with contextlib.suppress(Exception):
-            recorder.end("FAILED", failure=ORPHANED)
-
-
-def main(argv: list[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
-    commands = Connection(int(argv[0]), writable=False)
-    replies = Connection(int(argv[1]), readable=False)
-    # Everything a run needs, before the first call: the training process waits for
-    # the writer before it trains, and nothing should be left to run beside training.
-    _import_store()
-    _import_outputs()
-    _scan_packages()
-    serve(commands, replies)
-    # Every write above is committed. Skip the interpreter's teardown: with MLflow
-    # loaded it took ~1 s (module cleanup, MLflow's telemetry thread), and the
-    # training process waits for this exit.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -145,6 +145,7 @@ class Sweep:
         self.maximize = settings.direction == "maximize"
         self.worker = _studies.worker_id()
         self.job_idx = 0
+        self.launched: dict[str, list[int]] = {}  # stage -> trial numbers run by this worker
 
     def run(self, arguments: list[str]) -> list[StageRecord]:
         s = self.s
@@ -331,6 +332,7 @@ class Sweep:
             overrides = [self._overrides(stage, t, space, fixed, parent) for t in batch]
             for job in overrides:  # fails here, not in the launcher's process
                 self.compose(job)
+            self.launched.setdefault(stage.label, []).extend(t.number for t in batch)
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             fatal = None
@@ -347,7 +349,12 @@ class Sweep:
             for trial in unfinished:
                 self._tell_uncounted(study, trial, heartbeat)
             try:
-                parent.mark_killed(stage.label, [t.number for t in unfinished])
+                with suppress(writer.TrackingError):
+                    writer.flush()  # the trials run here finish writing first
+                # A launcher's workers may have been killed with their writers (joblib
+                # does on Ctrl-C): any run of this worker's still RUNNING is over.
+                parent.mark_killed(stage.label, sorted(
+                    {t.number for t in unfinished} | set(self.launched.get(stage.label, []))))
             except Exception as err:
                 log.warning("could not mark interrupted child runs KILLED: %s", err)
             raise

@@ -14,6 +14,7 @@ best_<param>; the final retrain's child run has tag stage=final.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -168,7 +169,8 @@ class ParentRun:
         """A finished trial's test accuracy, from its child run. Trials end without
         waiting for their tracking writer: here it is flushed, and a run written by a
         launcher's worker is waited for until it is no longer RUNNING."""
-        writer.flush()
+        with contextlib.suppress(writer.TrackingError):  # reported by the trial itself
+            writer.flush()
         deadline = time.monotonic() + CHILD_WAIT_SECONDS
         while True:
             runs = self.children(stage, number)
