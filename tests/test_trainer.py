@@ -44,6 +44,20 @@ def test_evaluation_points_are_spread_over_each_cycle_and_include_both_ends(digi
             "val_acc"} <= set(records[0])
 
 
+def test_progress_is_reported_every_so_many_steps_and_can_stop_training(digits):
+    # the app checks its tracking there: an error raised stops training at once
+    seen = []
+
+    def on_progress(step):
+        seen.append(step)
+        if step == 3 * trainer.PROGRESS_EVERY:
+            raise RuntimeError("tracking failed")
+
+    with pytest.raises(RuntimeError, match="tracking failed"):
+        _train(digits, cycles=2, on_progress=on_progress)
+    assert seen == [trainer.PROGRESS_EVERY * k for k in (1, 2, 3)]
+
+
 def test_eval_steps_always_end_at_the_last_step():
     assert trainer.eval_steps(25, 10) == [0, 10, 20, 25]
     assert trainer.eval_steps(20, 10) == [0, 10, 20]

@@ -151,9 +151,10 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint()))
         run.log_datasets(tracking.dataset_spec(ds))
-        run.sync()  # nothing else runs while training: it would slow BLAS's threads
+        run.sync()  # see mlplab.writer: the writer's start-up is best done before training
         result = train(on_eval=lambda rec: run.log_metrics(
-            {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]))
+            {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]),
+            on_progress=lambda step: run.check())
         final = result.final
         run.log_metrics({"final_train_acc": final["train_acc"],
                          "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],

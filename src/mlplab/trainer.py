@@ -3,7 +3,8 @@
 Plain code: shuffle every epoch, walk the batches, take a step at the rate the
 schedule gives, and at each evaluation point measure loss, cost and accuracy on the
 training and validation splits. `on_eval` receives each record as it is made (the
-app uses it to log to MLflow); nothing here knows about tracking.
+app uses it to log to MLflow), `on_progress` the step every PROGRESS_EVERY steps (the
+app checks its tracking there); nothing here knows about tracking.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def evaluate_splits(net: Network, data: Dataset, lam: float, splits=("train", "v
 
 def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
           rng=None, evals_per_cycle: int = 10,
-          on_eval: Callable[[dict], None] | None = None, progress: bool = True) -> Result:
+          on_eval: Callable[[dict], None] | None = None,
+          on_progress: Callable[[int], None] | None = None, progress: bool = True) -> Result:
     """Train `net` in place on `data` with `schedule` (see mlplab.schedules).
 
     Raises Diverged as soon as a batch loss or an evaluated cost is not finite.
@@ -123,10 +125,13 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
                 step += 1
                 if not math.isfinite(loss):
                     raise Diverged(step, loss)
-                if step % PROGRESS_EVERY == 0 and bar is not None:
-                    bar.set_postfix(lr=f"{rates[step - 1]:.2e}", loss=f"{loss:.3f}",
-                                    refresh=False)
-                    bar.update(PROGRESS_EVERY)
+                if step % PROGRESS_EVERY == 0:
+                    if bar is not None:
+                        bar.set_postfix(lr=f"{rates[step - 1]:.2e}", loss=f"{loss:.3f}",
+                                        refresh=False)
+                        bar.update(PROGRESS_EVERY)
+                    if on_progress:
+                        on_progress(step)
                 if step == due:
                     t_train += time.perf_counter() - t0
                     evaluate_at(step)

@@ -6,16 +6,21 @@ beside Hydra's start-up and the data loading, and then only sends small messages
 down a pipe (`RemoteRun`); the writer runs them (`mlplab.recorder.RunRecorder`) in
 order.
 
-The training process waits for the writer before training: measured on a 2-core
-machine, any other busy process makes OpenBLAS's two threads, and so training, about
-3x slower, so overlapping tracking work with training costs more than it saves. A
-single run also waits at its end, so the command ends with the run in the store; a
+The training process waits for the writer before it trains. Measured on a 2-core
+machine: a busy process at normal priority makes OpenBLAS's two threads, and so
+training, ~3x slower; at the lowest priority (Linux's SCHED_IDLE, which the writer
+takes) training keeps its speed but the writer gets next to no CPU, as the BLAS
+threads leave none idle. Either way its start-up is best done before training. What
+the writer still does while training runs (metric writes, a multirun trial's figure
+and model) then never slows it. Errors come back at the next call or progress check
+(`check`). A single run waits at its end, so the command ends with the run in the
+store; a
 trial of a multirun does not (`end(wait=False)`): the writer draws its figure while
 Hydra sets up the next trial, whose wait before training covers the rest, and the
 process waits for the writer when it exits (at most CLOSE_TIMEOUT; then the writer
-finishes on its own). Ctrl-C reaches only the training process (the writer has its
-own session), which then ends its run KILLED; if the training process dies without
-ending its run, the writer ends it FAILED.
+finishes on its own). The writer ignores Ctrl-C and termination signals: the training
+process ends its run KILLED, and if it dies without ending its run, the writer sees
+the pipe close and ends it FAILED.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ class Writer:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mlplab.writer_process", str(command_r), str(reply_w)],
-                pass_fds=(command_r, reply_w), stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                # Same session on purpose: with the kernel's autogroup scheduling a new
+                # session would get its own CPU share, whatever its priority.
+                pass_fds=(command_r, reply_w), stdin=subprocess.DEVNULL)
         except BaseException:
             os.close(command_w)
             os.close(reply_r)
@@ -86,6 +92,10 @@ class Writer:
             raise TrackingError(self._ended_message()) from err
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._take_replies(block=False)
+
+    def send_nothing(self) -> None:
+        """Take the replies that have come, without sending."""
         self._take_replies(block=False)
 
     def error(self, key: int, forget: bool = False) -> str | None:
@@ -241,6 +251,14 @@ class RemoteRun(Timed):
     def log_outputs(self, folder: str, history: list[dict], title: str, image_shape,
                     class_names, examples=None) -> None:
         self._call("log_outputs", folder, history, title, image_shape, class_names, examples)
+
+    def check(self) -> None:
+        """Raise TrackingError if the run's record has failed (cheap: one poll)."""
+        with self.timed():
+            self.writer.send_nothing()
+        error = self.writer.error(self.key)
+        if error:
+            raise TrackingError(error)
 
     def sync(self) -> None:
         """Wait until everything sent so far is written."""
