@@ -49,7 +49,7 @@ def test_file_url_and_plain_path_name_the_same_archive(tiny_cifar, tmp_path):
     url, md5 = tiny_cifar
     a = data.load_dataset(url=Path(url).as_uri(), md5=md5, root=tmp_path / "a")
     b = data.load_dataset(url=url, md5=md5, root=tmp_path / "b")
-    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint == b.fingerprint
 
 
 def test_bad_checksum_is_refused_naming_both_checksums_and_nothing_is_cached(
@@ -67,7 +67,7 @@ def test_extracted_cache_is_reused_without_the_archive(tmp_path):
     first = data.load_dataset(url=str(archive), md5=md5, root=tmp_path / "cache")
     archive.unlink()
     again = data.load_dataset(url=str(archive), md5=md5, root=tmp_path / "cache")
-    assert first.fingerprint() == again.fingerprint()
+    assert first.fingerprint == again.fingerprint
 
 
 def test_an_interrupted_extraction_is_not_taken_for_a_cache(tiny_cifar, tmp_path):
@@ -83,7 +83,7 @@ def test_a_different_archive_never_reuses_another_archives_cache(tmp_path):
     md5_a, md5_b = write_cifar_archive(a, seed=1), write_cifar_archive(b, seed=2)
     ds_a = data.load_dataset(url=str(a), md5=md5_a, root=tmp_path / "cache")
     ds_b = data.load_dataset(url=str(b), md5=md5_b, root=tmp_path / "cache")
-    assert ds_a.fingerprint() != ds_b.fingerprint()
+    assert ds_a.fingerprint != ds_b.fingerprint
 
 
 class _Server:
@@ -180,6 +180,6 @@ def test_concurrent_first_downloads_into_one_cache_both_succeed(http_folder, tmp
     with ThreadPoolExecutor(4) as pool:
         sets = list(pool.map(lambda _: data.load_dataset(url=url, md5=md5, root=root),
                              range(4)))
-    assert len({ds.fingerprint() for ds in sets}) == 1
+    assert len({ds.fingerprint for ds in sets}) == 1
     assert data.file_md5(root / data.ARCHIVE_NAME) == md5
     assert not list(root.glob("*.part"))

@@ -139,9 +139,7 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
         progress=cfg.train.progress)
     if not t_cfg.enabled:
         result = train()
-        seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
-                   "tracking": 0.0, "wall": time.perf_counter() - t_start}
-        return Outcome(result.final, None, None, seconds)
+        return Outcome(result.final, None, None, _seconds(result, 0.0, t_start))
 
     uri = tracking.resolve_uri(t_cfg.uri)
     run = writer.RemoteRun(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
@@ -149,7 +147,7 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     try:  # from here on, whatever happens, the run is closed with a status
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
-        run.set_tags(run_tags(cfg, summary, ds.fingerprint()))
+        run.set_tags(run_tags(cfg, summary, ds.fingerprint))
         run.log_datasets(tracking.dataset_spec(ds))
         run.sync()  # see mlplab.writer: the writer's start-up is best done before training
         result = train(on_eval=lambda rec: run.log_metrics(
@@ -174,11 +172,15 @@ def run_experiment(cfg: DictConfig, wait: bool = True) -> Outcome:
     except BaseException:
         _end_after_error(run, "FAILED")
         raise
-    seconds = {"train": result.train_seconds, "eval": result.eval_seconds,
-               "tracking": run.seconds, "wall": time.perf_counter() - t_start}
+    seconds = _seconds(result, run.seconds, t_start)
     run.end("FINISHED", metrics={f"{k}_seconds": v for k, v in seconds.items()},
             step=result.steps, wait=wait)
     return Outcome(final, run.run_id, uri, seconds)
+
+
+def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) -> dict:
+    return {"train": result.train_seconds, "eval": result.eval_seconds,
+            "tracking": tracking_seconds, "wall": time.perf_counter() - t_start}
 
 
 def _log_outputs(run: writer.RemoteRun, resolved: dict, net: network.Network, ds: Dataset,

@@ -9,6 +9,7 @@ interrupted run leaves nothing that passes for a good cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -60,9 +61,11 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A short hash of the labels of every split and the input statistics: equal
-        fingerprints mean the same samples in the same splits, standardised alike."""
+        fingerprints mean the same samples in the same splits, standardised alike.
+        Computed once: a Dataset's arrays are never written."""
         h = hashlib.sha256()
         for a in (self.y_train, self.y_val, self.y_test, self.mean, self.std):
             h.update(np.ascontiguousarray(a).tobytes())

@@ -254,5 +254,5 @@ def dataset_spec(ds) -> dict:
         X, y = getattr(ds, f"X_{name}"), getattr(ds, f"y_{name}")
         splits[name] = {"features": (X.shape, X.dtype.str), "targets": (y.shape, y.dtype.str),
                         "context": context}
-    return {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint(),
+    return {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint,
             "splits": splits}

@@ -82,7 +82,7 @@ class Writer:
         return self._next_key - 1
 
     def send(self, key: int, method: str, *args, **kwargs) -> None:
-        self._check()
+        self._require_intact()
         # Ctrl-C waits until the message is whole: a message cut in two would break
         # every message after it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -92,11 +92,7 @@ class Writer:
             raise TrackingError(self._ended_message()) from err
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self._take_replies(block=False)
-
-    def send_nothing(self) -> None:
-        """Take the replies that have come, without sending."""
-        self._take_replies(block=False)
+        self.take_replies(block=False)
 
     def error(self, key: int, forget: bool = False) -> str | None:
         """What went wrong with run `key`'s record, if anything."""
@@ -109,7 +105,7 @@ class Writer:
         writer is gone. "ended" always comes: the caller asks `error` after it."""
         failed = ("error", key) if kind != "ended" else None
         while (kind, key) not in self._received and failed not in self._received:
-            self._take_replies(block=True)
+            self.take_replies(block=True)
         if failed in self._received and (
                 (kind, key) not in self._received or
                 self._received[failed][0] < self._received[(kind, key)][0]):
@@ -125,12 +121,12 @@ class Writer:
             order_value = self._received.pop((kind, key), None)
             if kind == "error" and order_value:
                 self._report(key, order_value[1])
-        self._take_replies(block=False)
+        self.take_replies(block=False)
 
     def flush(self) -> None:
         """Wait until every run ended without waiting is in the store."""
         while self._unwaited:
-            self._take_replies(block=True)
+            self.take_replies(block=True)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let the writer finish what it was sent (it exits at the end of the pipe);
@@ -150,8 +146,8 @@ class Writer:
             print(f"mlplab: the tracking writer (pid {self.process.pid}) is still writing; "
                   "it finishes on its own", file=sys.stderr)
 
-    def _take_replies(self, block: bool) -> None:
-        self._check()
+    def take_replies(self, block: bool = False) -> None:
+        self._require_intact()
         try:
             if block:
                 self._keep(self._replies.recv())
@@ -163,7 +159,7 @@ class Writer:
             self.broken = True
             raise
 
-    def _check(self) -> None:
+    def _require_intact(self) -> None:
         if self.broken:
             raise TrackingError("the pipe to the tracking writer was interrupted mid-"
                                 "message; the writer ends this process's open runs FAILED")
@@ -255,10 +251,8 @@ class RemoteRun(Timed):
     def check(self) -> None:
         """Raise TrackingError if the run's record has failed (cheap: one poll)."""
         with self.timed():
-            self.writer.send_nothing()
-        error = self.writer.error(self.key)
-        if error:
-            raise TrackingError(error)
+            self.writer.take_replies()
+        self._raise_if_failed()
 
     def sync(self) -> None:
         """Wait until everything sent so far is written."""
@@ -279,13 +273,14 @@ class RemoteRun(Timed):
             if not wait:
                 return
             self.writer.wait("ended", self.key)
-        error = self.writer.error(self.key, forget=True)
-        if error:
-            raise TrackingError(error)
+        self._raise_if_failed(forget=True)
 
     def _call(self, method: str, *args) -> None:
         with self.timed():
             self.writer.send(self.key, method, *args)
-        error = self.writer.error(self.key)
+        self._raise_if_failed()
+
+    def _raise_if_failed(self, forget: bool = False) -> None:
+        error = self.writer.error(self.key, forget=forget)
         if error:
             raise TrackingError(error)

@@ -115,7 +115,7 @@ def reduced_problem(cfg: DictConfig):
         raise ConfigError(f"gradcheck.d={g.d}: the data have {dims} dimensions: "
                           f"allowed 1..{dims}")
     X = ds.X_train[:g.n, :g.d].astype(np.float64)
-    return X, ds.y_train[:g.n], ds.n_classes, ds.fingerprint()
+    return X, ds.y_train[:g.n], ds.n_classes, ds.fingerprint
 
 
 def describe(net: network.Network, cfg: DictConfig, lam: float) -> str:
