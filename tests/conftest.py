@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mlplab.app import CONF_DIR
+from mlplab.commands.common import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(os.environ.get("MLPLAB_SHARED", REPO.parent / "shared")) / \

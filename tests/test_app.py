@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlplab import data
-from mlplab.app import run_experiment
+from mlplab.commands.train import run_experiment
 
 from .conftest import TINY_ROWS
 
@@ -76,12 +76,12 @@ def test_run_name_and_extra_tags_reach_the_run(make_cfg, tracking_uri):
 
 
 def test_runs_in_one_process_share_the_loaded_dataset(make_cfg, monkeypatch):
-    from mlplab import app
+    from mlplab import experiment
 
     loads = []
     real = data.load_dataset
     monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(1) or real(*a, **k))
-    app._load_dataset_cached.cache_clear()
+    experiment._load_dataset_cached.cache_clear()
     base = ("schedule.n_s=3", "tracking.log_model=false")
     run_experiment(make_cfg(*base, "lam=0.1"))
     run_experiment(make_cfg(*base, "lam=0.2"))        # same data: loaded once

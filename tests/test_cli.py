@@ -8,7 +8,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import app, trainer
+from mlplab import trainer
+from mlplab.commands import train as train_command
 from tests.conftest import REPO
 
 TINY = ["model.layers=[8]", "train.batch_size=10", "schedule.n_s=6", "train.progress=false"]
@@ -73,7 +74,7 @@ def test_interrupt_and_crash_keep_what_was_measured_and_set_the_status(
 
     monkeypatch.setattr(trainer, "train", crashing_train)
     with pytest.raises(error):
-        app.run_experiment(make_cfg())
+        train_command.run_experiment(make_cfg())
     client = MlflowClient(tracking_uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == status

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from mlplab.app import run_experiment
+from mlplab.commands.train import run_experiment
 from mlplab.config import ConfigError
 
 

@@ -8,7 +8,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from mlplab import schedules
-from mlplab.app import CONF_DIR, run_experiment
+from mlplab.commands.common import CONF_DIR
+from mlplab.commands.train import run_experiment
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ASSIGNMENT3 = {"lam": 0.005, "schedule.name": "clr", "schedule.eta_min": 1e-5,

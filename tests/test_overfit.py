@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from mlplab.app import run_experiment
+from mlplab.commands.train import run_experiment
 
 
 def test_overfit_experiment_pins_100_samples_no_regularisation_200_constant_epochs(make_cfg):

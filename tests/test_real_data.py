@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlplab.app import run_experiment
+from mlplab.commands.train import run_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -10,16 +10,16 @@ import pytest
 from mlflow import MlflowClient
 
 from mlplab import report, tracking
-from mlplab.app import CONF_DIR, run_experiment
 from mlplab.commands import report as report_command
+from mlplab.commands.common import CONF_DIR
+from mlplab.commands.train import run_experiment
 
 EXPERIMENT = "dd2424"
 
 
 def _fake_run(uri, experiment, tags, metrics=None, status="FINISHED", artifact=None,
               params=None):
-    client = MlflowClient(uri)
-    exp_id = tracking.get_or_create_experiment(client, experiment, uri)
+    client, exp_id = tracking.open_experiment(uri, experiment)
     run_id = client.create_run(exp_id, tags=tags).info.run_id
     for key, value in (params or {}).items():
         client.log_param(run_id, key, value)

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from hydra_plugins.mlplab_optuna_sweeper import _space
 from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
 from mlplab import trainer
-from mlplab.app import CONF_DIR, main
+from mlplab.commands.common import CONF_DIR
+from mlplab.commands.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "c2f"
@@ -68,7 +69,7 @@ def test_narrowing_spans_the_best_values_of_log_parameters_widened_by_the_margin
 
 
 def test_the_shipped_search_composes_the_reports_protocol():
-    import mlplab.app  # noqa: F401  (registers the schema)
+    import mlplab.commands.train  # noqa: F401  (registers the schema)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+search=lambda_c2f"], return_hydra_config=True)

@@ -22,7 +22,11 @@ SCHEDULES = ("constant", "clr")
 
 
 class ConfigError(ValueError):
-    """A config value outside what is allowed."""
+    """A config value outside what is allowed; `key` names it (None: several keys)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass

@@ -432,8 +432,8 @@ def log_report(uri: str, experiment: str, out) -> str:
     from mlplab import tracking
 
     out = Path(out)
-    with tracking.start_run(uri=uri, experiment=experiment, run_name="report",
-                            tags={KIND_TAG: "report"}) as run:
+    with tracking.run(uri=uri, experiment=experiment, run_name="report",
+                      tags={KIND_TAG: "report"}) as run:
         run.log_artifact(out / REPORT_FILE)
         for png in sorted((out / FIGURES_DIR).glob("*.png")):
             run.log_artifact(png, FIGURES_DIR)

@@ -1,33 +1,47 @@
-"""MLflow at the edge: where runs go, and how a run is written.
+"""MLflow at the edge: where runs go, the store opened safely, and one run's record.
 
-Metrics are buffered and written with `log_batch` at most every FLUSH_SECONDS. Writes
-to SQLite are retried when another process holds the database, so parallel trials
-don't fail. Training runs call this from the tracking writer process
-(`mlplab.writer`); the sweeper, the gradient check and the report call it directly.
+`run(...)` is the one way a command records a run: a context manager that opens it
+and closes it with the outcome, FINISHED, FAILED (tag `failure` says why) or KILLED
+(Ctrl-C). Metrics are buffered and sent with MLflow's own asynchronous logging, so
+training never waits for the store; they are flushed at the end. MLflow is imported
+here, lazily: a run that tracks nothing never imports it.
+
+A fresh SQLite store is created by the first process under a file lock beside the
+database while the others wait: MLflow's table creation is not safe to run twice at
+once, and a half-migrated database cannot be opened again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
-FLUSH_SECONDS = 10.0  # most often metrics reach the store during a run
+SQLITE = "sqlite:///"
+FLUSH_SECONDS = 10.0  # most often buffered metrics are handed to MLflow during a run
 RETRIES = 8  # attempts for a write that meets a locked database
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+MAX_TAG_LENGTH = 5000
+# The UI opens a model-training experiment on its runs, not on the GenAI overview.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 T = TypeVar("T")
 
 # MLflow draws a bar for every artifact it reads back (e.g. validating the model's
 # input example); noise in a training log. A user's own setting wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class TrackingError(RuntimeError):
+    """A run could not be recorded: the store cannot be opened or refused a write."""
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -38,22 +52,21 @@ def resolve_uri(uri: str | None = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    return f"{SQLITE}{Path.cwd() / DEFAULT_DB}"
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """For a local SQLite store, `mlruns/<experiment>/` beside the database; a server
     decides its own."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    if not uri.startswith(SQLITE):
         return None
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "default"
-    return (Path(uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR / folder).as_uri()
+    return (Path(uri[len(SQLITE):]).resolve().parent / ARTIFACTS_DIR / folder).as_uri()
 
 
-def with_retries(fn: Callable[[], T], what: str = "MLflow write") -> T:
-    """Call fn, retrying with back-off while SQLite reports the database busy or the
-    schema is being created by another process."""
+def with_retries(fn: Callable[[], T]) -> T:
+    """Call fn, retrying with back-off while SQLite reports the database busy or
+    another process created the same row first."""
     delay = 0.2
     for attempt in range(RETRIES):
         try:
@@ -69,17 +82,45 @@ def with_retries(fn: Callable[[], T], what: str = "MLflow write") -> T:
     raise AssertionError("unreachable")
 
 
-def get_or_create_experiment(client, name: str, uri: str) -> str:
-    """Experiment id by name, creating it (artifacts under mlruns/) if needed; safe when
-    several processes race to create it."""
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold `<database>.lock` for a local SQLite store (no-op for other stores)."""
+    if not uri.startswith(SQLITE):
+        yield
+        return
+    import fcntl
 
-    def attempt():
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    path = Path(uri[len(SQLITE):]).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
-    return with_retries(attempt, f"create experiment {name!r}")
+
+def open_experiment(uri: str, name: str):
+    """(MlflowClient, experiment id), creating the store and the experiment if needed:
+    under the store's lock, so processes started together never race to create them."""
+    from mlflow import MlflowClient
+
+    try:
+        with store_lock(uri):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(name)  # opens (and creates) the store
+            if exp is None:
+                exp_id = with_retries(lambda: client.create_experiment(
+                    name, artifact_location=artifact_location(uri, name),
+                    tags=dict([EXPERIMENT_KIND])))
+            else:
+                exp_id = exp.experiment_id
+                if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
+                    with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
+    except Exception as err:
+        raise TrackingError(f"cannot open the MLflow store {uri}: "
+                            f"{str(err).splitlines()[0]}") from err
+    return client, exp_id
 
 
 def flatten(d, prefix="") -> dict[str, str]:
@@ -107,152 +148,176 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
-class Timed:
-    """`seconds` adds up the wall time spent in `timed()` blocks: what tracking cost
-    the caller, reported against the run's total."""
+def source_tags() -> dict[str, str]:
+    """The command the user ran (train.py, mlplab-train, ...) as the run's Source."""
+    tags = {"mlflow.source.name": Path(sys.argv[0]).name or "python",
+            "mlflow.source.type": "LOCAL", "git_commit": git_commit(Path(__file__).parent)}
+    return {k: v for k, v in tags.items() if v is not None}
 
-    seconds: float = 0.0
 
-    @contextmanager
-    def timed(self):
+def failure_of(err: BaseException) -> str:
+    """The `failure` tag of a run ended by `err`."""
+    text = str(err) if isinstance(err, ArithmeticError) else f"{type(err).__name__}: {err}"
+    return text[:MAX_TAG_LENGTH]
+
+
+class Run:
+    """One open MLflow run. `seconds` adds up the wall time its calls cost the caller
+    (store opening and MLflow's import included), reported against the run's total."""
+
+    def __init__(self, client, run_id: str, seconds: float = 0.0):
+        self.client, self.run_id, self.seconds = client, run_id, seconds
+        self._pending = []  # metrics not yet handed to MLflow
+        self._sent = []  # MLflow's handles on metrics being written in the background
+        self._last_flush = time.monotonic()
+
+    @contextlib.contextmanager
+    def _timed(self, what: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
+        except TrackingError:
+            raise
+        except Exception as err:
+            raise TrackingError(f"{what} for run {self.run_id}: "
+                                f"{str(err).splitlines()[0] if str(err) else err!r}") from err
         finally:
             self.seconds += time.perf_counter() - t0
 
-
-class Run(Timed):
-    """One MLflow run: buffered metrics, artifacts, final status."""
-
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-        self._pending = []
-        self._last_flush = time.monotonic()
-
-    def log_metrics(self, metrics: dict[str, float], step: int, force: bool = False):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer; every FLUSH_SECONDS hand the buffer to MLflow's background writer."""
         from mlflow.entities import Metric
 
-        with self.timed():
-            now = int(time.time() * 1000)
-            self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            if force or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
-                self.flush()
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush(wait=False)
 
-    def flush(self):
-        with self.timed():
-            # log_batch takes at most 1000 metrics per call
+    def flush(self, wait: bool = True) -> None:
+        """Send the buffered metrics (log_batch takes at most 1000 per call); with
+        `wait`, block until MLflow has written everything sent so far."""
+        with self._timed("writing metrics"):
             while self._pending:
                 chunk, self._pending = self._pending[:1000], self._pending[1000:]
-                with_retries(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
+                self._sent.append((chunk, self.client.log_batch(
+                    self.run_id, metrics=chunk, synchronous=False)))
             self._last_flush = time.monotonic()
+            if wait:
+                sent, self._sent = self._sent, []
+                for chunk, operation in sent:
+                    try:
+                        operation.wait()
+                    except Exception:  # e.g. a locked database: once more, in the open
+                        with_retries(lambda c=chunk: self.client.log_batch(self.run_id,
+                                                                            metrics=c))
 
-    def log_params(self, params: dict[str, str]):
+    def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        with self.timed():
+        with self._timed("logging params"):
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):  # log_batch takes 100 params per call
                 with_retries(lambda c=items[i:i + 100]:
                              self.client.log_batch(self.run_id, params=c))
 
-    def set_tags(self, tags: dict[str, str]):
+    def set_tags(self, tags: dict[str, str | None]) -> None:
         from mlflow.entities import RunTag
 
-        with self.timed():
-            items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        with self._timed("setting tags"):
+            items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()
+                     if v is not None]
             with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
-    def log_datasets(self, spec: dict) -> None:
-        """The splits described by `dataset_spec` as MLflow dataset inputs, in one
-        write; the fingerprint is the digest, so nothing is re-hashed."""
+    def log_datasets(self, ds) -> None:
+        """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
+        inputs, in one write; the data fingerprint is the digest, so nothing is
+        hashed again."""
         import mlflow
         import numpy as np
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-        with self.timed():
+        with self._timed("logging datasets"):
             # An explicit source: MLflow's guess for a local path is ambiguous and warns.
-            if spec["source"].startswith(("http://", "https://")):
-                source = HTTPDatasetSource(spec["source"])
+            if ds.source.startswith(("http://", "https://")):
+                source = HTTPDatasetSource(ds.source)
             else:
-                source = CodeDatasetSource(tags={"uri": spec["source"]})
-            # MLflow reads only shapes and dtypes when the digest is given, so
-            # zero-stride stand-ins describe the splits without their data.
-            like = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)  # noqa: E731
+                source = CodeDatasetSource(tags={"uri": ds.source})
+            # MLflow reads only shapes and dtypes when the digest is given.
+            like = lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape)  # noqa: E731
+            splits = {"train": "training", "val": "validation", "test": "test"}
             datasets = [mlflow.data.from_numpy(
-                like(*split["features"]), targets=like(*split["targets"]), source=source,
-                name=f"{spec['name']}-{name}", digest=f"{spec['fingerprint']}-{name}")
-                for name, split in spec["splits"].items()]
-            contexts = [spec["splits"][name]["context"] for name in spec["splits"]]
-            with_retries(lambda: mlflow.log_inputs(datasets=datasets, contexts=contexts,
+                like(getattr(ds, f"X_{split}")), targets=like(getattr(ds, f"y_{split}")),
+                source=source, name=f"{ds.name}-{split}",
+                digest=f"{ds.fingerprint}-{split}") for split in splits]
+            with_retries(lambda: mlflow.log_inputs(datasets=datasets,
+                                                   contexts=list(splits.values()),
                                                    tags_list=[None] * len(datasets)))
 
-    def log_artifact(self, path: Path, folder: str | None = None):
-        with self.timed():
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        with self._timed(f"logging {Path(path).name}"):
             self.client.log_artifact(self.run_id, str(path), folder)
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Write what is buffered and close the run with `status` (and, if it is
-        MLflow's active run, clear that, so the next run can start)."""
+    def log_model(self, log: Callable[[], object]) -> None:
+        """Call `log()`, which logs a model to this run (MLflow's active run)."""
+        with self._timed("logging the model"):
+            log()
+
+    def end(self, status: str, failure: str | None = None) -> None:
+        """Write what is buffered and close the run with `status`."""
         import mlflow
 
-        try:
-            self.flush()  # whatever was measured before a failure is kept
-        finally:
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                with_retries(lambda: mlflow.end_run(status=status))
-            else:
-                with_retries(lambda: self.client.set_terminated(self.run_id, status))
+        with self._timed(f"closing the run {status}"):
+            try:
+                if failure:
+                    self.set_tags({"failure": failure})
+                self.flush()  # whatever was measured before a failure is kept
+            finally:
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == self.run_id:
+                    with_retries(lambda: mlflow.end_run(status=status))
+                else:
+                    with_retries(lambda: self.client.set_terminated(self.run_id, status))
 
 
-def open_run(*, uri: str | None, experiment: str, run_name: str | None = None,
-             tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Run:
-    """Start a run (tagged with the code's git commit) and make it MLflow's active
-    run, because MLflow's model and dataset logging functions attach to that."""
-    import mlflow
-    from mlflow import MlflowClient
-
+def open_run(*, uri: str, experiment: str, run_name: str | None = None,
+             tags: dict[str, str | None] | None = None,
+             parent_run_id: str | None = None) -> Run:
+    """Start a run and make it MLflow's active run (MLflow's model and dataset logging
+    attach to that). Raises TrackingError if the store cannot be used."""
     t0 = time.perf_counter()
-    uri = resolve_uri(uri)
+    client, exp_id = open_experiment(uri, experiment)
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
-    client = with_retries(lambda: MlflowClient(uri), "open the tracking store")
-    exp_id = get_or_create_experiment(client, experiment, uri)
-    tags = {"git_commit": git_commit(Path(__file__).parent), **(tags or {})}
-    tags = {k: str(v) for k, v in tags.items() if v is not None}
-    active = with_retries(lambda: mlflow.start_run(
-        experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
-    run = Run(client, active.info.run_id)
-    run.seconds = time.perf_counter() - t0  # opening the store is tracking cost too
-    return run
-
-
-@contextmanager
-def start_run(*, uri: str | None, experiment: str, run_name: str | None = None,
-              tags: dict[str, str] | None = None, parent_run_id: str | None = None):
-    """A run that ends FINISHED, KILLED on Ctrl-C, FAILED on any other exception."""
-    run = open_run(uri=uri, experiment=experiment, run_name=run_name, tags=tags,
-                   parent_run_id=parent_run_id)
-    status = "FAILED"
+    tags = source_tags() | {k: str(v) for k, v in (tags or {}).items() if v is not None}
     try:
-        yield run
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+        active = with_retries(lambda: mlflow.start_run(
+            experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
+    except Exception as err:
+        raise TrackingError(f"cannot start a run in {uri}: {str(err).splitlines()[0]}") \
+            from err
+    return Run(client, active.info.run_id, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def run(*, uri: str, experiment: str, run_name: str | None = None,
+        tags: dict[str, str | None] | None = None,
+        parent_run_id: str | None = None) -> Iterator[Run]:
+    """An open run that ends FINISHED, KILLED on Ctrl-C, or FAILED with a `failure`
+    tag on any other exception (which is raised on). A store that fails while the run
+    is being closed after an error is only reported: the first error is the one raised."""
+    opened = open_run(uri=uri, experiment=experiment, run_name=run_name, tags=tags,
+                      parent_run_id=parent_run_id)
+    try:
+        yield opened
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        failure = None if status == "KILLED" else failure_of(err)
+        try:
+            opened.end(status, failure)
+        except TrackingError as end_err:
+            print(f"mlplab: run {opened.run_id} could not be closed {status}: {end_err}",
+                  file=sys.stderr)
         raise
-    finally:
-        run.end(status)
-
-
-def dataset_spec(ds) -> dict:
-    """What `Run.log_datasets` needs of an mlplab.data.Dataset: names, source,
-    fingerprint and each split's shapes and dtypes (not its data, which stays here)."""
-    contexts = {"train": "training", "val": "validation", "test": "test"}
-    splits = {}
-    for name, context in contexts.items():
-        X, y = getattr(ds, f"X_{name}"), getattr(ds, f"y_{name}")
-        splits[name] = {"features": (X.shape, X.dtype.str), "targets": (y.shape, y.dtype.str),
-                        "context": context}
-    return {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint,
-            "splits": splits}
+    opened.end("FINISHED")

@@ -34,14 +34,14 @@ import re
 import signal
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from mlplab import tracking, writer
+from mlplab import tracking
 from mlplab.config import ConfigError
 from mlplab.config import validate as validate_config
 from mlplab.data import DataError
@@ -185,8 +185,6 @@ class Sweep:
             status = "KILLED"
             raise
         finally:
-            with suppress(writer.TrackingError):
-                writer.flush()  # this process's trials end without waiting for MLflow
             parent.set_status(status)
         return records
 
@@ -349,10 +347,8 @@ class Sweep:
             for trial in unfinished:
                 self._tell_uncounted(study, trial, heartbeat)
             try:
-                with suppress(writer.TrackingError):
-                    writer.flush()  # the trials run here finish writing first
-                # A launcher's workers may have been killed with their writers (joblib
-                # does on Ctrl-C): any run of this worker's still RUNNING is over.
+                # A launcher's workers may have been killed before closing their runs
+                # (joblib does on Ctrl-C): any run of this worker's still RUNNING is over.
                 parent.mark_killed(stage.label, sorted(
                     {t.number for t in unfinished} | set(self.launched.get(stage.label, []))))
             except Exception as err:
@@ -369,7 +365,8 @@ class Sweep:
                 *(p.override(trial.params[p.name]) for p in space),
                 f"tracking.uri={Transformer.str(self.uri)}",
                 f"tracking.parent_run_id={parent.run_id}",
-                f"tracking.run_name={run_name(stage.label, trial.number)}",
+                "tracking.run_name="
+                + Transformer.str(run_name(stage.label, trial.number, trial.params)),
                 f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
 
     def _tell(self, stage: Stage, study, trial, ret, space, parent) -> Exception | None:

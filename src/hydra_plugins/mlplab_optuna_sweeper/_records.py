@@ -14,7 +14,6 @@ best_<param>; the final retrain's child run has tag stage=final.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab import plots, tracking, writer
+from mlplab import plots, tracking
 
 from ._space import Param
 
@@ -33,10 +32,9 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
-CHILD_WAIT_SECONDS = 60.0  # how long to wait for a finished trial's run to be written
 FINAL = "final"
 TEST_ACC = "test_acc"  # the app's metric on the final retrain, copied to the trial
-MAX_TAG_LENGTH = 5000
+MAX_TAG_LENGTH = tracking.MAX_TAG_LENGTH
 
 
 @dataclass
@@ -57,11 +55,8 @@ class StageRecord:
 
 class ParentRun:
     def __init__(self, uri: str, experiment: str):
-        from mlflow import MlflowClient
-
         self.uri = uri
-        self.client = MlflowClient(uri)
-        self.experiment_id = tracking.get_or_create_experiment(self.client, experiment, uri)
+        self.client, self.experiment_id = tracking.open_experiment(uri, experiment)
         self.run_id: str | None = None
 
     def attach(self, sweep_study, created: bool, study_name: str, storage: str) -> str:
@@ -78,7 +73,7 @@ class ParentRun:
             run_id = None
         if run_id is None:
             tags = {"mlplab.sweep": "true", "mlplab.study": study_name,
-                    "mlplab.storage": storage}
+                    "mlplab.storage": storage, **tracking.source_tags()}
             run = tracking.with_retries(lambda: self.client.create_run(
                 self.experiment_id, run_name=study_name, tags=tags))
             run_id = run.info.run_id
@@ -146,7 +141,7 @@ class ParentRun:
         tags = {"mlflow.parentRunId": self.run_id, "stage": stage,
                 "trial": str(trial.number), "failure": failure[:MAX_TAG_LENGTH]}
         run = tracking.with_retries(lambda: self.client.create_run(
-            self.experiment_id, run_name=run_name(stage, trial.number), tags=tags))
+            self.experiment_id, run_name=run_name(stage, trial.number, params), tags=tags))
         self._child_params(run.info.run_id, params)
         tracking.with_retries(lambda: self.client.set_terminated(run.info.run_id, "FAILED"))
 
@@ -166,21 +161,12 @@ class ParentRun:
                         r.info.run_id, "KILLED"))
 
     def test_accuracy(self, stage: str, number: int) -> float | None:
-        """A finished trial's test accuracy, from its child run. Trials end without
-        waiting for their tracking writer: here it is flushed, and a run written by a
-        launcher's worker is waited for until it is no longer RUNNING."""
-        with contextlib.suppress(writer.TrackingError):  # reported by the trial itself
-            writer.flush()
-        deadline = time.monotonic() + CHILD_WAIT_SECONDS
-        while True:
-            runs = self.children(stage, number)
-            for run in runs:
-                if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics:
-                    return run.data.metrics[TEST_ACC]
-            if not any(r.info.status == "RUNNING" for r in runs) or \
-                    time.monotonic() > deadline:
-                return None
-            time.sleep(0.2)
+        """A finished trial's test accuracy, from its child run (complete in the store
+        once the job has returned)."""
+        for run in self.children(stage, number):
+            if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics:
+                return run.data.metrics[TEST_ACC]
+        return None
 
     # --- summary ----------------------------------------------------------------------
 
@@ -221,12 +207,16 @@ class ParentRun:
                 log.warning("final retrain (trial %d) has no test accuracy", trial.number)
 
     def _artifact(self, path: Path) -> None:
-        tracking.with_retries(lambda: self.client.log_artifact(self.run_id, str(path)),
-                              f"log {path.name}")
+        tracking.with_retries(lambda: self.client.log_artifact(self.run_id, str(path)))
 
 
-def run_name(stage: str, number: int) -> str:
-    return FINAL if stage == FINAL else f"stage{stage}-trial{number}"
+def run_name(stage: str, number: int, params: dict | None = None) -> str:
+    """'stage0-trial3 lam=0.00123' (the final retrain: 'final lam=...'): the runs list
+    says which trial it is and what it tried."""
+    name = FINAL if stage == FINAL else f"stage{stage}-trial{number}"
+    values = " ".join(f"{k}={v:.3g}" if _is_number(v) else f"{k}={v}"
+                      for k, v in (params or {}).items())
+    return f"{name} {values}" if values else name
 
 
 def write_table(records: list[StageRecord], names: list[str], path: Path) -> None:

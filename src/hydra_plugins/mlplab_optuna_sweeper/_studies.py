@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mlplab.config import ConfigError
-from mlplab.tracking import with_retries
+from mlplab.tracking import store_lock, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
                           "database URL such as sqlite:///optuna.db or postgresql://...")
     kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}} \
         if url.startswith("sqlite") else {}
-    # several workers may create the schema at once: "already exists" is retried
-    return with_retries(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs),
-                        "open the Optuna storage")
+    # several workers may create the schema at once: one at a time on a local file
+    # (as MLflow's store), and "already exists" from a database server is retried
+    with store_lock(url):
+        return with_retries(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs))
 
 
 def describe_storage(url: str | None) -> str:
@@ -128,7 +129,7 @@ def open_study(storage, name: str, direction: str) -> tuple[optuna.Study, bool]:
         except optuna.exceptions.DuplicatedStudyError:
             return optuna.load_study(storage=storage, study_name=name), False
 
-    return with_retries(attempt, f"open study {name!r}")
+    return with_retries(attempt)
 
 
 def exists(storage, name: str) -> bool:

@@ -38,7 +38,8 @@ class MlplabOptunaSweeper(Sweeper):
         """Run the search. Like a single run, a bad config value or unusable data
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
-        from mlplab.app import exit_with
+        from mlplab.commands.common import exit_with
+
         from mlplab.config import ConfigError
         from mlplab.data import DataError
 

@@ -31,9 +31,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, gradcheck, network, tracking
-from mlplab.app import CONF_DIR, build_dataset, exit_with, in_multirun, run_tags
+from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
 from mlplab.config import ConfigError
 from mlplab.data import DataError
+from mlplab.experiment import build_dataset
 
 KIND = "gradcheck"  # value of the mlplab.kind tag
 TABLE_FILE = "gradcheck.md"
@@ -145,8 +146,9 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
 
     t_cfg = cfg.tracking
     uri = tracking.resolve_uri(t_cfg.uri)
-    with tracking.start_run(uri=uri, experiment=t_cfg.experiment, run_name=t_cfg.run_name,
-                            tags={"mlplab.kind": KIND}) as run:
+    with tracking.run(uri=uri, experiment=t_cfg.experiment,
+                      run_name=t_cfg.run_name or f"gradcheck {summary}",
+                      tags={"mlplab.kind": KIND}) as run:
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         run.set_tags(run_tags(cfg, summary, fingerprint)
                      | {"gradcheck.result": "passed" if ok else "failed"})
@@ -159,7 +161,7 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
                         f"gradcheck.max_abs_err.{r.name}": r.max_abs_err,
                         f"gradcheck.share_ok.{r.name}": r.share_ok,
                         f"gradcheck.kinks.{r.name}": r.n_excluded}
-        run.log_metrics(metrics, step=0, force=True)
+        run.log_metrics(metrics, step=0)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / TABLE_FILE
             path.write_text(format_result(rows, summary, cfg) + "\n")

@@ -1,0 +1,46 @@
+"""What the commands share: where the configs are, how a command ends, what every
+recorded run is tagged with."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mlplab import config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # ships inside the package
+config.register()  # the schemas conf/ builds on, before any command composes it
+
+
+def exit_with(message: str, code: int):
+    """End a command with one line on stderr (no traceback) and an exit status."""
+    print(f"mlplab: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def hydra_overrides() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return " ".join(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without the command line (tests, notebooks)
+        return None
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, str | None]:
+    """The tags every mlplab run carries: what ran, on which data and from which
+    command line, plus the config's own `tags`."""
+    return {"mlplab.summary": summary, "data_fingerprint": data_fingerprint,
+            "hydra_overrides": hydra_overrides(), **cfg.tags}

@@ -1,0 +1,166 @@
+"""The training command: compose conf/, train, track in MLflow, print a summary.
+
+    python train.py model.layers=[50,50] bn=true      # or: mlplab-train ...
+
+`run_experiment(cfg)` is the same without the command line (tests, notebooks, the
+sweeper). Its outcome's final validation accuracy is what sweeps optimise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab import config, data, experiment, network, tracking, trainer
+from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
+from mlplab.config import ConfigError
+from mlplab.data import DataError, Dataset
+
+EXAMPLE_ROWS = 2  # raw test images logged as the model's input example
+
+
+@dataclass
+class Outcome:
+    """What one run produced: final metrics, timing, and where it was recorded."""
+
+    final: dict[str, float]
+    run_id: str | None  # None: not tracked (tracking.enabled=false)
+    tracking_uri: str | None
+    seconds: dict[str, float]
+
+    @property
+    def val_acc(self) -> float:
+        return self.final["val_acc"]
+
+
+def run_experiment(cfg: DictConfig) -> Outcome:
+    """Validate, load, train and track one run. Raises ConfigError or DataError before
+    anything is recorded; trainer.Diverged after marking the run FAILED;
+    tracking.TrackingError if the run could not be recorded."""
+    t_start = time.perf_counter()
+    config.validate(cfg)
+    ds = experiment.build_dataset(cfg)
+    schedule = experiment.build_schedule(cfg, len(ds.y_train))
+    init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
+    net = experiment.build_network(cfg, ds, np.random.default_rng(init_seed))
+    summary = experiment.describe(net, schedule)
+    train = functools.partial(
+        trainer.train, net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
+        rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
+        progress=cfg.train.progress)
+    t_cfg = cfg.tracking
+    if not t_cfg.enabled:
+        result = train()
+        return Outcome(result.final, None, None, _seconds(result, 0.0, t_start))
+
+    uri = tracking.resolve_uri(t_cfg.uri)
+    with tracking.run(uri=uri, experiment=t_cfg.experiment,
+                      run_name=t_cfg.run_name or experiment.run_name(cfg, net),
+                      parent_run_id=t_cfg.parent_run_id) as run:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run.log_params(tracking.flatten(resolved))
+        run.set_tags(run_tags(cfg, summary, ds.fingerprint))
+        run.log_datasets(ds)
+        result = train(on_eval=lambda rec: run.log_metrics(
+            {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]))
+        final = result.final
+        run.log_metrics({"final_train_acc": final["train_acc"],
+                         "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
+                         "test_loss": final["test_loss"]}, step=result.steps)
+        _log_outputs(run, resolved, net, ds, result, summary, t_cfg.log_model)
+        seconds = _seconds(result, run.seconds, t_start)
+        run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps)
+    seconds["tracking"] = run.seconds  # closing the run is on the clock too
+    seconds["wall"] = time.perf_counter() - t_start
+    return Outcome(final, run.run_id, uri, seconds)
+
+
+def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) -> dict:
+    return {"train": result.train_seconds, "eval": result.eval_seconds,
+            "tracking": tracking_seconds, "wall": time.perf_counter() - t_start}
+
+
+def _log_outputs(run, resolved: dict, net: network.Network, ds: Dataset,
+                 result: trainer.Result, summary: str, log_model: bool) -> None:
+    """The config, the curves figure, the class templates of a 1-layer W and, with
+    `log_model`, the network as a pyfunc model that takes raw images."""
+    from mlplab import plots
+
+    with tempfile.TemporaryDirectory(prefix="mlplab-run-") as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        plots.plot_curves(result.history, folder / "curves.png", title=summary)
+        artifacts = [folder / "config.yaml", folder / "curves.png"]
+        if net.n_layers == 1:
+            plots.plot_class_templates(net.params["W1"], ds.image_shape, ds.class_names,
+                                       folder / "class_templates.png")
+            artifacts.append(folder / "class_templates.png")
+        for path in artifacts:
+            run.log_artifact(path)
+        if log_model:
+            from mlplab import pyfunc_model
+
+            weights = folder / "network.npz"
+            network.save(net, weights, mean=ds.mean, std=ds.std)
+            examples = data.rows_to_images(_raw_examples(ds, EXAMPLE_ROWS), ds.image_shape)
+            run.log_model(lambda: pyfunc_model.log_model(weights, examples))
+
+
+def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
+    """The first n test rows undone back to uint8 pixels, as a user would pass them."""
+    rows = ds.X_test[:n].astype(np.float64) * ds.std + ds.mean
+    return np.clip(np.rint(rows), 0, 255).astype(np.uint8)
+
+
+def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
+    f, s = outcome.final, outcome.seconds
+    share = 100 * s["tracking"] / s["wall"] if s["wall"] else 0.0
+    where = (f"mlplab run {outcome.run_id} (experiment {cfg.tracking.experiment!r})"
+             if outcome.run_id else "mlplab run, not tracked (tracking.enabled=false)")
+    print(
+        f"\n{where}\n"
+        f"  accuracy  train {f['train_acc']:.4f}   val {f['val_acc']:.4f}   "
+        f"test {f['test_acc']:.4f}\n"
+        f"  cost      train {f['train_cost']:.4f}   val {f['val_cost']:.4f}\n"
+        f"  seconds   train {s['train']:.1f}   eval {s['eval']:.1f}   "
+        f"tracking {s['tracking']:.2f} ({share:.1f}% of {s['wall']:.1f})"
+    )
+    if outcome.run_id:
+        print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point. In a multirun a diverged trial returns NaN (recorded as failed
+    by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
+    multirun = in_multirun()
+    try:
+        outcome = run_experiment(cfg)
+    except (ConfigError, DataError) as err:
+        if multirun:
+            raise
+        exit_with(f"error: {err}", 2)
+    except trainer.Diverged as err:
+        if multirun:
+            print(f"mlplab: run FAILED: {err}", file=sys.stderr)
+            return math.nan
+        exit_with(f"run FAILED: {err}", 1)
+    except tracking.TrackingError as err:
+        if multirun:
+            raise
+        exit_with(f"tracking failed: {err}", 1)
+    print_summary(outcome, cfg)
+    return outcome.val_acc
+
+
+if __name__ == "__main__":
+    main()
