@@ -7,12 +7,14 @@ tracked, and names the key and what is allowed in its message.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mlplab.data import CIFAR10_MD5, CIFAR10_URL, DATASETS, SPLITS
 from mlplab.network import INITS
@@ -128,8 +130,35 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _keys(node: DictConfig, prefix: str = ""):
+    """(key, whether the schema knows it) for every key under `node`, dotted; a
+    free-form node (a dict, such as `tags`) is not looked into."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node:
+        yield f"{prefix}{key}", key in known
+        child = node._get_node(key)
+        if key in known and isinstance(child, DictConfig):
+            yield from _keys(child, f"{prefix}{key}.")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a key the schema does not know (added with `+`, which Hydra accepts),
+    naming the closest known key: an ignored knob would train something else."""
+    keys = dict(_keys(cfg))
+    for key, known in keys.items():
+        if not known:
+            close = difflib.get_close_matches(key, [k for k, ok in keys.items() if ok], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{key}: not a config key; {hint}(only tags.* takes any key)",
+                              key=key)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges that types cannot express; raise ConfigError naming the key."""
+    check_keys(cfg)
     d, m, s, t = cfg.data, cfg.model, cfg.schedule, cfg.train
     _require(d.name in DATASETS, f"data.name={d.name!r}: allowed {DATASETS}")
     _require(d.split in SPLITS, f"data.split={d.split!r}: allowed {SPLITS}")

@@ -31,10 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hydra.core.override_parser.types import Transformer
@@ -42,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from mlplab import tracking
+from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import ConfigError
 from mlplab.config import validate as validate_config
 from mlplab.data import DataError
@@ -118,24 +116,6 @@ def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> 
                         "overrides": st.overrides} for st in stages]}
 
 
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a scheduler, `kill`) stops the sweep like Ctrl-C: running trials are
-    released for a re-run at once instead of waiting to go stale."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Sweep:
     def __init__(self, settings: DictConfig, config: DictConfig, launcher, compose):
         """`compose(overrides)`: the job config those overrides make (Hydra's loader)."""
@@ -173,7 +153,7 @@ class Sweep:
             **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
         status, records = "FAILED", []
         try:
-            with _terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
+            with terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
                 self._run_stages(stages, params, fixed, storage, name, parent, heartbeat,
                                  records)
             parent.write_summary(records, s.top_k, self.maximize)

@@ -39,7 +39,6 @@ class MlplabOptunaSweeper(Sweeper):
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
         from mlplab.commands.common import exit_with
-
         from mlplab.config import ConfigError
         from mlplab.data import DataError
 

@@ -3,7 +3,11 @@ recorded run is tagged with."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -44,3 +48,21 @@ def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, 
     command line, plus the config's own `tags`."""
     return {"mlplab.summary": summary, "data_fingerprint": data_fingerprint,
             "hydra_overrides": hydra_overrides(), **cfg.tags}
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) ends the work like Ctrl-C: a run is closed
+    KILLED, a sweep releases its running trials for a re-run at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, data, experiment, network, tracking, trainer
-from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
+from mlplab.commands.common import (
+    CONF_DIR,
+    exit_with,
+    in_multirun,
+    run_tags,
+    terminate_as_interrupt,
+)
 from mlplab.config import ConfigError
 from mlplab.data import DataError, Dataset
 
@@ -144,7 +150,8 @@ def main(cfg: DictConfig) -> float:
     by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
     multirun = in_multirun()
     try:
-        outcome = run_experiment(cfg)
+        with terminate_as_interrupt():
+            outcome = run_experiment(cfg)
     except (ConfigError, DataError) as err:
         if multirun:
             raise
