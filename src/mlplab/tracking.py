@@ -2,8 +2,8 @@
 
 `run(...)` is the one way a command records a run: a context manager that opens it
 and closes it with the outcome, FINISHED, FAILED (tag `failure` says why) or KILLED
-(Ctrl-C). Metrics are buffered and sent with MLflow's own asynchronous logging, so
-training never waits for the store; they are flushed at the end. MLflow is imported
+(Ctrl-C). Metrics are sent with MLflow's own asynchronous logging, so
+training never waits for the store; they are flushed when the run ends. MLflow is imported
 here, lazily: a run that tracks nothing never imports it.
 
 A fresh SQLite store is created by the first process under a file lock beside the
@@ -26,18 +26,22 @@ from typing import TypeVar
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 SQLITE = "sqlite:///"
-FLUSH_SECONDS = 10.0  # most often buffered metrics are handed to MLflow during a run
+ASYNC_BUFFER_SECONDS = "5"  # MLflow's async logging writes what came in this long at once
 RETRIES = 8  # attempts for a write that meets a locked database
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 MAX_TAG_LENGTH = 5000
 # The UI opens a model-training experiment on its runs, not on the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 T = TypeVar("T")
 
 # MLflow draws a bar for every artifact it reads back (e.g. validating the model's
-# input example); noise in a training log. A user's own setting wins.
+# input example); noise in a training log. A user's own settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Buffered, MLflow's async writer merges metrics into few writes, and closing a run
+# wakes it at once (unbuffered, it polls its queue and a run's end waits up to 1 s).
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", ASYNC_BUFFER_SECONDS)
 
 
 class TrackingError(RuntimeError):
@@ -123,6 +127,14 @@ def open_experiment(uri: str, name: str):
     return client, exp_id
 
 
+def runs_page(uri: str, experiment_id: str) -> str:
+    """Where the UI lists an experiment's runs: on the server itself, or for a local
+    store on `mlflow ui`'s default address. MLflow 3's UI opens experiments on its
+    GenAI pages unless told the workflow, which the link does."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def flatten(d, prefix="") -> dict[str, str]:
     """Nested config -> {'model.layers': '[50, 50]', ...}, values as MLflow params."""
     out = {}
@@ -165,11 +177,10 @@ class Run:
     """One open MLflow run. `seconds` adds up the wall time its calls cost the caller
     (store opening and MLflow's import included), reported against the run's total."""
 
-    def __init__(self, client, run_id: str, seconds: float = 0.0):
+    def __init__(self, client, run_id: str, experiment_id: str, seconds: float = 0.0):
         self.client, self.run_id, self.seconds = client, run_id, seconds
-        self._pending = []  # metrics not yet handed to MLflow
-        self._sent = []  # MLflow's handles on metrics being written in the background
-        self._last_flush = time.monotonic()
+        self.experiment_id = experiment_id
+        self._sent = []  # (metrics, MLflow's handle on their background write)
 
     @contextlib.contextmanager
     def _timed(self, what: str) -> Iterator[None]:
@@ -185,31 +196,29 @@ class Run:
             self.seconds += time.perf_counter() - t0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer; every FLUSH_SECONDS hand the buffer to MLflow's background writer."""
+        """Queue for MLflow's background writer, which merges what arrives within
+        ASYNC_BUFFER_SECONDS into one write."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
-            self.flush(wait=False)
+        with self._timed("logging metrics"):
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self._sent.append((items, self.client.log_batch(self.run_id, metrics=items,
+                                                            synchronous=False)))
 
-    def flush(self, wait: bool = True) -> None:
-        """Send the buffered metrics (log_batch takes at most 1000 per call); with
-        `wait`, block until MLflow has written everything sent so far."""
+    def flush(self) -> None:
+        """Block until MLflow has written every metric queued so far."""
+        import mlflow
+
         with self._timed("writing metrics"):
-            while self._pending:
-                chunk, self._pending = self._pending[:1000], self._pending[1000:]
-                self._sent.append((chunk, self.client.log_batch(
-                    self.run_id, metrics=chunk, synchronous=False)))
-            self._last_flush = time.monotonic()
-            if wait:
-                sent, self._sent = self._sent, []
-                for chunk, operation in sent:
-                    try:
-                        operation.wait()
-                    except Exception:  # e.g. a locked database: once more, in the open
-                        with_retries(lambda c=chunk: self.client.log_batch(self.run_id,
-                                                                            metrics=c))
+            mlflow.flush_async_logging()  # wakes the writer instead of waiting its buffer
+            sent, self._sent = self._sent, []
+            for items, operation in sent:
+                try:
+                    operation.wait()
+                except Exception:  # e.g. a locked database: once more, in the open
+                    with_retries(lambda i=items: self.client.log_batch(self.run_id,
+                                                                        metrics=i))
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -297,7 +306,7 @@ def open_run(*, uri: str, experiment: str, run_name: str | None = None,
     except Exception as err:
         raise TrackingError(f"cannot start a run in {uri}: {str(err).splitlines()[0]}") \
             from err
-    return Run(client, active.info.run_id, time.perf_counter() - t0)
+    return Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ class Outcome:
     run_id: str | None  # None: not tracked (tracking.enabled=false)
     tracking_uri: str | None
     seconds: dict[str, float]
+    runs_page: str | None = None  # the experiment's runs in the MLflow UI
 
     @property
     def val_acc(self) -> float:
@@ -87,7 +88,8 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps)
     seconds["tracking"] = run.seconds  # closing the run is on the clock too
     seconds["wall"] = time.perf_counter() - t_start
-    return Outcome(final, run.run_id, uri, seconds)
+    return Outcome(final, run.run_id, uri, seconds,
+                   tracking.runs_page(uri, run.experiment_id))
 
 
 def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) -> dict:
@@ -141,7 +143,9 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
         f"tracking {s['tracking']:.2f} ({share:.1f}% of {s['wall']:.1f})"
     )
     if outcome.run_id:
-        print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        if not outcome.tracking_uri.startswith(("http://", "https://")):
+            print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        print(f"  runs      {outcome.runs_page}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
