@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,31 @@ def test_other_errors_are_not_retried():
 def test_git_commit_is_none_outside_a_checkout(tmp_path):
     assert tracking.git_commit(tmp_path) is None
     assert tracking.git_commit(Path(__file__).parent)  # this repository
+
+
+@pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
+                                           (ZeroDivisionError, "FAILED")])
+def test_the_run_context_closes_the_run_with_its_outcome_keeping_metrics(
+        tracking_uri, error, status):
+    from mlflow import MlflowClient
+
+    with contextlib.suppress(KeyboardInterrupt, ZeroDivisionError), \
+            tracking.run(uri=tracking_uri, experiment="outcomes") as run:
+        run.log_metrics({"train_loss": 2.5}, step=0)
+        run.log_metrics({"train_loss": 1.5}, step=10)
+        if error:
+            raise error("stopped here")
+    record = MlflowClient(tracking_uri).get_run(run.run_id)
+    assert record.info.status == status
+    history = MlflowClient(tracking_uri).get_metric_history(run.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.5), (10, 1.5)]
+    if status == "FAILED":
+        assert record.data.tags["failure"] == "ZeroDivisionError: stopped here"
+    else:
+        assert "failure" not in record.data.tags
+
+
+def test_an_unusable_store_is_a_tracking_error_naming_it():
+    with pytest.raises(tracking.TrackingError, match="nosuchscheme://store"), \
+            tracking.run(uri="nosuchscheme://store", experiment="x"):
+        pass

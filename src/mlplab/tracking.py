@@ -14,6 +14,7 @@ once, and a half-migrated database cannot be opened again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -147,8 +148,10 @@ def flatten(d, prefix="") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def git_commit(path: Path) -> str | None:
-    """The commit of the checkout holding `path` (with '-dirty' if modified), if any."""
+    """The commit of the checkout holding `path` (with '-dirty' if modified), if any;
+    asked once per process, whose code is what was imported."""
     try:
         run = lambda *a: subprocess.run(  # noqa: E731
             ["git", *a], cwd=path, capture_output=True, text=True, timeout=5, check=True
@@ -169,8 +172,7 @@ def source_tags() -> dict[str, str]:
 
 def failure_of(err: BaseException) -> str:
     """The `failure` tag of a run ended by `err`."""
-    text = str(err) if isinstance(err, ArithmeticError) else f"{type(err).__name__}: {err}"
-    return text[:MAX_TAG_LENGTH]
+    return f"{type(err).__name__}: {err}"[:MAX_TAG_LENGTH]
 
 
 class Run:
