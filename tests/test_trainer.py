@@ -9,6 +9,8 @@ import pytest
 
 from mlplab import augment, checks, data, layers, network, optim, schedules, trainer
 
+from .test_optim import _old_sgd_update
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -106,18 +108,10 @@ def test_one_sgd_step_moves_every_parameter_by_minus_eta_times_the_checked_gradi
 
 
 def _old_sgd_step(net, Xb, yb, eta, lam):
-    """trainer.sgd_step before optimisers, dropout and smoothing existed, verbatim."""
+    """trainer.sgd_step before optimisers, dropout and smoothing existed."""
     scores, caches = network.forward(net, Xb, train=True)
     loss, dscores = layers.softmax_cross_entropy(scores, yb)
-    grads = network.backward(net, dscores, caches)
-    params = net.params
-    decay = 1.0 - 2.0 * eta * lam  # W - eta * (g + 2 lam W), without a temporary
-    for name, g in grads.items():
-        p = params[name]
-        if name[0] == "W" and lam:
-            p *= decay
-        g *= eta
-        p -= g
+    _old_sgd_update(net.params, network.backward(net, dscores, caches), eta, lam)
     return loss
 
 
