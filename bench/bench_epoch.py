@@ -4,11 +4,16 @@
 
 For each network it times one epoch over 45,000 CIFAR-sized rows at batch 100
 through `mlplab.trainer.train` itself (shuffle, batching and the update steps; the
-evaluation is timed separately), and in the same run the layer-1 matrix products
-alone (forward X_b @ W1 and backward X_b^T @ dS1 for every batch): the work no
-trainer can skip. `epoch / layer-1` says how close to that floor the trainer is.
-With --torch (and PyTorch installed) an eager PyTorch loop doing the same updates is
-timed too. Every figure is the median of --repeats runs, taken in one process.
+evaluation is timed separately), and in the same run the matrix products alone: the
+work no trainer can skip. For the plain-SGD nets that floor is layer 1's products
+(forward X_b @ W1 and backward X_b^T @ dS1 for every batch). For the toolbox net
+(3072-1024-1024-10 with BN, dropout, flip-and-translate augmentation and momentum)
+it is every layer's forward, weight-gradient and input-gradient products, and the
+augmentation is also timed alone. `epoch / products` says how close to its floor the
+trainer is. With --torch (and PyTorch installed: `pip install torch`, for the bench
+only) an eager PyTorch loop doing the same updates is timed too; for the toolbox net
+it augments with mlplab's own FlipTranslate, so both do the same work.
+Every figure is the median of --repeats runs, taken in one process.
 Synthetic standard-normal data by default: speed does not depend on pixel values.
 """
 
@@ -20,7 +25,7 @@ import time
 
 import numpy as np
 
-from mlplab import data, network, schedules, trainer
+from mlplab import augment, data, network, optim, schedules, trainer
 
 N_TRAIN, N_VAL, BATCH, D, K = 45_000, 5_000, 100, 3072, 10
 NETWORKS = {  # name: (hidden sizes, batch norm)
@@ -28,6 +33,10 @@ NETWORKS = {  # name: (hidden sizes, batch norm)
     "3072-50-50-10 BN": ([50, 50], True),
     "9-layer BN": ([50, 30, 20, 20, 10, 10, 10, 10], True),
 }
+# the toolbox net: every new piece on at once, at a width where products dominate
+TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout, flip_translate, momentum"
+TOOLBOX_HIDDEN, TOOLBOX_DROPOUT, TOOLBOX_MAX_SHIFT, TOOLBOX_MOMENTUM = [1024, 1024], 0.2, 4, 0.9
+ETA, LAM = 0.01, 1e-3
 
 
 def synthetic_dataset(seed=0) -> data.Dataset:
@@ -43,30 +52,55 @@ def real_dataset(path, md5) -> data.Dataset:
     return data.load_dataset(split="all", n_val=N_VAL, url=path, md5=md5)
 
 
-def mlplab_epoch(ds, hidden, bn, seed) -> tuple[float, float]:
+def mlplab_epoch(ds, hidden, bn, seed, toolbox=False) -> tuple[float, float]:
     """(seconds for one epoch of updates, seconds for the two evaluations)."""
-    net = network.init_network(D, hidden, K, bn=bn, rng=seed)
-    result = trainer.train(net, ds, schedules.Constant(eta=0.01, epochs=1), lam=1e-3,
-                           batch_size=BATCH, rng=seed, progress=False)
+    options = {}
+    if toolbox:
+        options = {"optimizer": optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM),
+                   "augment": augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)}
+    net = network.init_network(D, hidden, K, bn=bn, rng=seed,
+                               dropout=TOOLBOX_DROPOUT if toolbox else 0.0)
+    result = trainer.train(net, ds, schedules.Constant(eta=ETA, epochs=1), lam=LAM,
+                           batch_size=BATCH, rng=seed, progress=False, **options)
     return result.train_seconds, result.eval_seconds / 2
 
 
-def layer1_products(ds, width, seed) -> float:
-    """Seconds for an epoch of the first layer's forward and weight-gradient products."""
+def products(ds, sizes, seed) -> float:
+    """Seconds for an epoch of the matrix products of layers sizes[0] -> sizes[1] ->
+    ...: each layer's forward H @ W and weight gradient H^T @ dS, and above layer 1
+    the input gradient dS @ W^T. sizes = [D, width] is layer 1 alone."""
     rng = np.random.default_rng(seed)
-    W = rng.standard_normal((D, width), dtype=np.float32)
-    dS = rng.standard_normal((BATCH, width), dtype=np.float32)
+    Ws = [rng.standard_normal(shape, dtype=np.float32)
+          for shape in zip(sizes[:-1], sizes[1:], strict=True)]
+    dSs = [rng.standard_normal((BATCH, b), dtype=np.float32) for b in sizes[1:]]
+    Hs = [rng.standard_normal((BATCH, a), dtype=np.float32) for a in sizes[1:-1]]
     X = ds.X_train
     t0 = time.perf_counter()
     for b in range(N_TRAIN // BATCH):
-        Xb = X[b * BATCH:(b + 1) * BATCH]
-        Xb @ W
-        Xb.T @ dS
+        inputs = [X[b * BATCH:(b + 1) * BATCH], *Hs]
+        for layer, (H, W, dS) in enumerate(zip(inputs, Ws, dSs, strict=True)):
+            H @ W
+            H.T @ dS
+            if layer > 0:
+                dS @ W.T
     return time.perf_counter() - t0
 
 
-def torch_epoch(ds, hidden, bn, seed) -> float:
-    """An eager PyTorch epoch with the same shuffling, batches and plain SGD."""
+def augmentation(ds, seed) -> float:
+    """Seconds for an epoch of flip-and-translate on shuffled batches, alone."""
+    rng = np.random.default_rng(seed)
+    aug = augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)
+    order = rng.permutation(N_TRAIN)
+    t0 = time.perf_counter()
+    for b in range(N_TRAIN // BATCH):
+        aug(ds.X_train[order[b * BATCH:(b + 1) * BATCH]], rng)
+    return time.perf_counter() - t0
+
+
+def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
+    """An eager PyTorch epoch with the same shuffling, batches and updates: plain SGD,
+    or for the toolbox net dropout, mlplab's augmentation and momentum with L2 on the
+    weights only."""
     import torch
 
     torch.manual_seed(seed)
@@ -75,19 +109,34 @@ def torch_epoch(ds, hidden, bn, seed) -> float:
         mods += [torch.nn.Linear(d, h, bias=not bn)]
         mods += [torch.nn.BatchNorm1d(h)] if bn else []
         mods += [torch.nn.ReLU()]
+        mods += [torch.nn.Dropout(TOOLBOX_DROPOUT)] if toolbox else []
         d = h
     model = torch.nn.Sequential(*mods, torch.nn.Linear(d, K))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=2e-3)
-    X, y = torch.from_numpy(ds.X_train), torch.from_numpy(ds.y_train)
+    if toolbox:
+        weights = [p for p in model.parameters() if p.dim() == 2]
+        others = [p for p in model.parameters() if p.dim() != 2]
+        opt = torch.optim.SGD([{"params": weights, "weight_decay": 2 * LAM},
+                               {"params": others, "weight_decay": 0.0}],
+                              lr=ETA, momentum=TOOLBOX_MOMENTUM)
+        aug, aug_rng = augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT), \
+            np.random.default_rng(seed)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=ETA, weight_decay=2 * LAM)
+    X, y = ds.X_train, torch.from_numpy(ds.y_train)
     loss_fn = torch.nn.CrossEntropyLoss()
     t0 = time.perf_counter()
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(N_TRAIN))
+    order = np.random.default_rng(seed).permutation(N_TRAIN)
     for b in range(N_TRAIN // BATCH):
         idx = order[b * BATCH:(b + 1) * BATCH]
+        Xb = aug(X[idx], aug_rng) if toolbox else X[idx]
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(X[idx]), y[idx]).backward()
+        loss_fn(model(torch.from_numpy(Xb)), y[idx]).backward()
         opt.step()
     return time.perf_counter() - t0
+
+
+def median(f, repeats) -> float:
+    return statistics.median(f(seed=r) for r in range(repeats))
 
 
 def main() -> None:
@@ -100,32 +149,40 @@ def main() -> None:
 
     ds = real_dataset(args.data, args.md5) if args.data else synthetic_dataset()
     rows = []
-    for name, (hidden, bn) in NETWORKS.items():
-        mlplab_epoch(ds, hidden, bn, seed=0)  # warm-up: caches, BLAS threads, page faults
-        runs = [mlplab_epoch(ds, hidden, bn, seed=r) for r in range(args.repeats)]
-        floor = [layer1_products(ds, hidden[0], seed=r) for r in range(args.repeats)]
+    cases = [(name, hidden, bn, False) for name, (hidden, bn) in NETWORKS.items()]
+    cases.append((TOOLBOX_NAME, TOOLBOX_HIDDEN, True, True))
+    for name, hidden, bn, toolbox in cases:
+        mlplab_epoch(ds, hidden, bn, seed=0, toolbox=toolbox)  # warm-up: caches, threads
+        runs = [mlplab_epoch(ds, hidden, bn, seed=r, toolbox=toolbox)
+                for r in range(args.repeats)]
+        sizes = [D, *hidden, K] if toolbox else [D, hidden[0]]
         row = {"network": name,
                "epoch": statistics.median(r[0] for r in runs),
                "eval": statistics.median(r[1] for r in runs),
-               "layer1": statistics.median(floor)}
+               "products": median(lambda seed, s=sizes: products(ds, s, seed), args.repeats),
+               "floor": "all layers" if toolbox else "layer 1"}
+        if toolbox:
+            row["augment"] = median(lambda seed: augmentation(ds, seed), args.repeats)
         if args.torch:
-            torch_epoch(ds, hidden, bn, seed=0)
-            row["torch"] = statistics.median(
-                torch_epoch(ds, hidden, bn, seed=r) for r in range(args.repeats))
+            torch_epoch(ds, hidden, bn, seed=0, toolbox=toolbox)
+            row["torch"] = median(lambda seed, h=hidden, b=bn, t=toolbox:
+                                  torch_epoch(ds, h, b, seed, t), args.repeats)
         rows.append(row)
 
     print(f"median of {args.repeats}, {N_TRAIN} rows, batch {BATCH}, "
           f"{'real data' if args.data else 'synthetic data'}")
-    head = "| network | mlplab s/epoch | layer-1 products s | epoch / layer-1 | eval s |"
-    sep = "|---|---|---|---|---|"
+    head = ("| network | mlplab s/epoch | products s (floor) | epoch / products | "
+            "augmentation s | eval s |")
+    sep = "|---|---|---|---|---|---|"
     if args.torch:
         head += " PyTorch eager s/epoch | PyTorch / mlplab |"
         sep += "---|---|"
     print(head)
     print(sep)
     for r in rows:
-        line = (f"| {r['network']} | {r['epoch']:.3f} | {r['layer1']:.3f} | "
-                f"{r['epoch'] / r['layer1']:.2f} | {r['eval']:.3f} |")
+        aug = f"{r['augment']:.3f} ({r['augment'] / r['epoch']:.0%})" if "augment" in r else "-"
+        line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
+                f"{r['epoch'] / r['products']:.2f} | {aug} | {r['eval']:.3f} |")
         if args.torch:
             line += f" {r['torch']:.3f} | {r['torch'] / r['epoch']:.2f} |"
         print(line)

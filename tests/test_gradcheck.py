@@ -285,3 +285,58 @@ def test_exit_status_is_zero_when_every_parameter_passes_and_one_when_any_fails(
     assert bad.returncode == 1, bad.stderr
     assert "Gradient check FAILED" in bad.stdout and "FAIL |" in bad.stdout
     assert "Traceback" not in bad.stderr
+
+
+# --- dropout and label smoothing ---------------------------------------------------------
+
+def _dropout_net(bn=True, rate=0.3):
+    net = network.init_network(D, [8, 6], 10, bn=bn, dropout=rate, rng=0, dtype=np.float64)
+    command.move_off_initial_values(net, 0.1, 0)
+    return net
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_every_parameter_of_a_net_with_dropout_passes_with_the_same_masks(problem, bn):
+    # each evaluation of the cost draws its masks from the same seed (network.DROPOUT_SEED)
+    X, y = problem
+    rows = command.check_network(_dropout_net(bn), X[:20, :D], y[:20], 0.01)
+    assert gradcheck.passed(rows), gradcheck.format_table(rows)
+
+
+def _dropout_without_scale(x, rate, rng=None, *, mask=None):
+    """dropout_forward that forgets to scale the kept units by 1 / (1 - rate)."""
+    if mask is None:
+        mask = rng.random(x.shape, dtype=np.float32) >= rate
+    x *= mask
+    return x, (mask, 1.0)
+
+
+def test_a_dropout_that_forgets_its_scale_is_caught(problem, monkeypatch):
+    X, y = problem
+    monkeypatch.setattr(layers, "dropout_forward", _dropout_without_scale)
+    rows = {r.name: r for r in command.check_network(_dropout_net(), X[:20, :D], y[:20], 0.0)}
+    assert not rows["W1"].ok and rows["W1"].max_rel_err > 1e-2
+    assert rows["W3"].ok and rows["b3"].ok  # above every dropout layer: untouched
+
+
+def test_the_label_smoothing_gradient_matches_for_scores_and_every_parameter(problem):
+    X, y = problem
+    X, y = X[:20, :D], y[:20]
+    scores = {"s": np.random.default_rng(0).normal(size=(20, 10))}
+    f = lambda: layers.softmax_cross_entropy(scores["s"], y, 0.1)[0]  # noqa: E731
+    analytic = {"s": layers.softmax_cross_entropy(scores["s"], y, 0.1)[1]}
+    assert gradcheck.passed(gradcheck.compare(analytic,
+                                              gradcheck.numerical_gradients(f, scores)))
+
+    net = _dropout_net(rate=0.0)
+
+    def cost_and_grads():
+        return network.cost_and_grads(net, X, y, 0.01, update_stats=False, label_smoothing=0.1)
+
+    rows = gradcheck.compare(cost_and_grads()[2],
+                             gradcheck.numerical_gradients(lambda: cost_and_grads()[1],
+                                                           net.params),
+                             exclude=gradcheck.kink_crossings(
+                                 lambda: command.relu_pattern(net, X), net.params,
+                                 gradcheck.largest_step()))
+    assert gradcheck.passed(rows), gradcheck.format_table(rows)

@@ -97,3 +97,57 @@ def test_layers_keep_float32():
     bn, _ = layers.batchnorm_forward(out, np.ones(2, np.float32), np.zeros(2, np.float32),
                                      train=True)
     assert out.dtype == bn.dtype == np.float32
+
+
+def test_dropout_keeps_units_at_rate_one_minus_p_and_scales_them_by_its_inverse():
+    rng = np.random.default_rng(0)
+    x = np.ones((200, 500), np.float32)
+    out, (mask, scale) = layers.dropout_forward(x, 0.3, rng)
+    assert out.dtype == np.float32 and scale == pytest.approx(1 / 0.7)
+    assert np.mean(out == 0) == pytest.approx(0.3, abs=0.01)  # 100,000 draws
+    np.testing.assert_allclose(out[mask], 1 / 0.7, rtol=1e-6)  # the forgotten-scale bug
+    assert out.mean() == pytest.approx(1.0, abs=0.01)  # inverted: expectation unchanged
+
+
+def test_dropout_with_a_given_mask_and_its_backward_pass_only_kept_units_scaled():
+    x = np.array([[1.0, 2.0, 3.0, 4.0]])
+    mask = np.array([[True, False, True, False]])
+    out, cache = layers.dropout_forward(x.copy(), 0.5, mask=mask)
+    np.testing.assert_array_equal(out, [[2.0, 0.0, 6.0, 0.0]])
+    np.testing.assert_array_equal(layers.dropout_backward(np.ones((1, 4)), cache),
+                                  [[2.0, 0.0, 2.0, 0.0]])
+
+
+def test_dropout_draws_its_mask_from_the_generator():
+    x = np.ones((4, 50))
+    a, _ = layers.dropout_forward(x.copy(), 0.5, np.random.default_rng(7))
+    b, _ = layers.dropout_forward(x.copy(), 0.5, np.random.default_rng(7))
+    c, _ = layers.dropout_forward(x.copy(), 0.5, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_label_smoothing_mixes_the_one_hot_target_with_the_uniform_one():
+    # scores (ln 3, 0): softmax (3/4, 1/4); eps = 0.2, k = 2: target (0.9, 0.1)
+    scores = np.array([[np.log(3.0), 0.0]])
+    loss, dscores = layers.softmax_cross_entropy(scores, np.array([0]), label_smoothing=0.2)
+    assert loss == pytest.approx(-(0.9 * np.log(0.75) + 0.1 * np.log(0.25)))
+    np.testing.assert_allclose(dscores, [[0.75 - 0.9, 0.25 - 0.1]], atol=1e-15)
+
+
+def test_label_smoothing_zero_gives_exactly_the_plain_cross_entropy():
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(16, 10)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    plain = layers.softmax_cross_entropy(scores, y)
+    zero = layers.softmax_cross_entropy(scores, y, label_smoothing=0.0)
+    assert plain[0] == zero[0]
+    np.testing.assert_array_equal(plain[1], zero[1])
+    smoothed = layers.softmax_cross_entropy(scores, y, label_smoothing=0.1)
+    assert smoothed[1].dtype == np.float32
+    np.testing.assert_allclose(smoothed[1].sum(axis=1), 0, atol=1e-7)
+
+
+def test_label_smoothing_outside_zero_to_one_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"label_smoothing=1.0: must be in \[0, 1\)"):
+        layers.softmax_cross_entropy(np.zeros((1, 3)), np.array([0]), label_smoothing=1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,68 @@ def test_save_and_load_round_trip_gives_identical_predictions(tmp_path):
     np.testing.assert_array_equal(network.predict_scores(loaded, X),
                                   network.predict_scores(net, X))
     assert loaded.bn and loaded.n_layers == 3 and "mean" in extra
+
+
+def test_dropout_is_one_rate_per_hidden_layer_from_a_number_or_a_list():
+    assert network.init_network(6, [5, 4], 3, rng=0).dropout == (0.0, 0.0)
+    assert network.init_network(6, [5, 4], 3, dropout=0.2, rng=0).dropout == (0.2, 0.2)
+    net = network.init_network(6, [5, 4], 3, dropout=[0.1, 0.5], rng=0)
+    assert net.dropout == (0.1, 0.5)
+    assert net.arch == "6-5-4-3 +dropout 0.1/0.5"
+    assert network.init_network(6, [], 3, dropout=0.5, rng=0).dropout == ()
+
+
+def test_dropout_acts_in_training_only_and_evaluation_is_the_plain_network():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(50, 6))
+    net = network.init_network(6, [40, 30], 3, dropout=0.5, rng=0, dtype=np.float64)
+    plain = network.Network(net.params, net.n_layers)
+    np.testing.assert_array_equal(network.predict_scores(net, X),
+                                  network.predict_scores(plain, X))
+    train_scores, _ = network.forward(net, X, train=True)
+    assert not np.allclose(train_scores, network.forward(plain, X, train=True)[0])
+
+
+def test_dropout_masks_come_from_the_generator_or_repeat_for_a_seed():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(20, 6))
+    net = network.init_network(6, [40], 3, dropout=0.5, rng=0, dtype=np.float64)
+    scores = lambda r: network.forward(net, X, train=True, dropout_rng=r)[0]  # noqa: E731
+    np.testing.assert_array_equal(scores(5), scores(5))  # a seed: the same masks each call
+    np.testing.assert_array_equal(network.forward(net, X, train=True)[0],
+                                  scores(network.DROPOUT_SEED))
+    gen = np.random.default_rng(5)
+    assert not np.array_equal(scores(gen), scores(gen))  # a generator moves on
+    np.testing.assert_array_equal(scores(np.random.default_rng(5)), scores(5))
+
+
+def test_save_and_load_keep_the_dropout_rates(tmp_path):
+    net = network.init_network(6, [5, 4], 3, dropout=[0.25, 0.0], rng=0)
+    network.save(net, tmp_path / "net.npz")
+    loaded, _ = network.load(tmp_path / "net.npz")
+    assert loaded.dropout == (0.25, 0.0)
+
+
+def test_a_file_saved_before_dropout_existed_loads_without_dropout(tmp_path):
+    net = network.init_network(6, [5], 3, rng=0)
+    arrays = {f"param/{k}": v for k, v in net.params.items()}
+    np.savez(tmp_path / "old.npz", meta=np.array([2, 0, 0.9]), **arrays)
+    loaded, _ = network.load(tmp_path / "old.npz")
+    assert loaded.dropout == (0.0,) and loaded.n_layers == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden": [5, 0]}, "hidden=[5, 0]: hidden sizes must be integers > 0"),
+    ({"init": "glorot"}, "init='glorot': allowed ('he', 'xavier', 'normal')"),
+    ({"init_std": 0.0}, "init_std=0.0: must be finite and > 0"),
+    ({"bn_momentum": 1.0}, "bn_momentum=1.0: must be in [0, 1)"),
+    ({"dropout": 1.0}, "dropout=1.0: must be in [0, 1)"),
+    ({"dropout": -0.1}, "dropout=-0.1: must be in [0, 1)"),
+    ({"dropout": [0.1]}, "dropout=[0.1]: needs one rate per hidden layer (2)"),
+    ({"d_in": 0}, "d_in=0: must be an integer > 0"),
+])
+def test_bad_arguments_raise_argument_error_naming_the_argument(kwargs, message):
+    args = {"d_in": 6, "hidden": [5, 4], "n_classes": 3} | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        network.init_network(args.pop("d_in"), args.pop("hidden"), args.pop("n_classes"),
+                             **args)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from mlplab import data, network, schedules, trainer
+from mlplab import augment, checks, data, layers, network, optim, schedules, trainer
+
+from .test_optim import _old_sgd_update
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +105,107 @@ def test_one_sgd_step_moves_every_parameter_by_minus_eta_times_the_checked_gradi
     for name, p in net.params.items():
         np.testing.assert_allclose(p, before[name] - 0.05 * grads[name], rtol=1e-12,
                                    atol=1e-14, err_msg=name)
+
+
+def _old_sgd_step(net, Xb, yb, eta, lam):
+    """trainer.sgd_step before optimisers, dropout and smoothing existed."""
+    scores, caches = network.forward(net, Xb, train=True)
+    loss, dscores = layers.softmax_cross_entropy(scores, yb)
+    _old_sgd_update(net.params, network.backward(net, dscores, caches), eta, lam)
+    return loss
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_default_path_gives_the_old_sgd_numbers_bit_for_bit(digits, monkeypatch, bn):
+    net_new, new = _train(digits, seed=5, bn=bn)
+    monkeypatch.setattr(trainer, "sgd_step", _old_sgd_step)
+    net_old, old = _train(digits, seed=5, bn=bn)
+    assert new.history == old.history and new.final == old.final
+    for k in net_old.params:
+        np.testing.assert_array_equal(net_new.params[k], net_old.params[k], err_msg=k)
+
+
+TOOLBOX = {  # name: (train keyword arguments, dropout)
+    "momentum": ({"optimizer": lambda: optim.make_optimizer("momentum")}, 0.0),
+    "nesterov": ({"optimizer": lambda: optim.make_optimizer("momentum", nesterov=True)}, 0.0),
+    "adam": ({"optimizer": lambda: optim.make_optimizer("adam")}, 0.0),
+    "adamw": ({"optimizer": lambda: optim.make_optimizer("adamw")}, 0.0),
+    "flip_translate": ({"augment": lambda: augment.FlipTranslate(2, image_shape=(8, 8, 1))},
+                       0.0),
+    "dropout": ({}, 0.3),
+    "label_smoothing": ({"label_smoothing": lambda: 0.1}, 0.0),
+    "everything": ({"optimizer": lambda: optim.make_optimizer("momentum"),
+                    "augment": lambda: augment.FlipTranslate(1, image_shape=(8, 8, 1)),
+                    "label_smoothing": lambda: 0.1}, 0.2),
+}
+
+
+def _train_with(ds, name, seed):
+    options, dropout = TOOLBOX[name]
+    net = network.init_network(64, [20, 20], 10, bn=True, dropout=dropout, rng=seed)
+    result = trainer.train(net, ds, schedules.Constant(eta=0.01, epochs=1), lam=1e-3,
+                           batch_size=100, rng=seed, progress=False,
+                           **{k: make() for k, make in options.items()})
+    return net, result
+
+
+@pytest.mark.parametrize("name", list(TOOLBOX))
+def test_each_option_trains_finite_and_the_same_seed_gives_the_same_numbers(digits, name):
+    net_a, a = _train_with(digits, name, seed=1)
+    net_b, b = _train_with(digits, name, seed=1)
+    assert a.steps == len(digits.y_train) // 100
+    assert all(np.isfinite(v) for rec in a.history for v in rec.values())
+    assert a.history == b.history and a.final == b.final
+    for k in net_a.params:
+        np.testing.assert_array_equal(net_a.params[k], net_b.params[k], err_msg=k)
+    _, c = _train_with(digits, name, seed=2)
+    assert c.final != a.final
+
+
+def test_dropout_and_augmentation_draw_apart_from_the_shuffles(digits, monkeypatch):
+    # switching dropout or augmentation on must not change which rows make a batch
+    original, batches = trainer.sgd_step, {}
+
+    def spy(net, Xb, yb, *args, **kwargs):
+        batches[name].append(yb.copy())
+        return original(net, Xb, yb, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sgd_step", spy)
+    for name in ("label_smoothing", "dropout", "everything"):  # the first draws nothing
+        batches[name] = []
+        _train_with(digits, name, seed=1)
+    for name in ("dropout", "everything"):
+        for a, b in zip(batches["label_smoothing"], batches[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def _recording_identity(seen):
+    def augment(Xb, rng):
+        seen.append((Xb.shape, rng.random()))
+        return Xb
+    return augment
+
+
+def test_the_augmentation_sees_every_batch_with_a_stream_of_the_trainers_rng(digits):
+    runs = [[], []]
+    for seen in runs:
+        trainer.train(network.init_network(64, [], 10, rng=0), digits,
+                      schedules.Constant(eta=0.01, epochs=2), lam=0, batch_size=100, rng=0,
+                      augment=_recording_identity(seen), progress=False)
+    assert len(runs[0]) == 2 * (len(digits.y_train) // 100) and runs[0] == runs[1]
+    assert all(shape == (100, 64) for shape, _ in runs[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"evals_per_cycle": 0}, "evals_per_cycle=0: must be an integer > 0"),
+    ({"batch_size": 0}, "batch_size=0: must be between 1 and the"),
+    ({"batch_size": 10**6}, "batch_size=1000000: must be between 1 and the"),
+    ({"lam": -1.0}, "lam=-1.0: must be finite and >= 0"),
+    ({"lam": float("nan")}, "lam=nan"),
+    ({"label_smoothing": 1.0}, "label_smoothing=1.0: must be in [0, 1)"),
+])
+def test_bad_arguments_raise_argument_error_naming_the_argument(digits, kwargs, message):
+    net = network.init_network(64, [], 10, rng=0)
+    args = {"lam": 0.0, "batch_size": 20, "progress": False} | kwargs
+    with pytest.raises(checks.ArgumentError, match=re.escape(message)):
+        trainer.train(net, digits, schedules.Cyclical(1e-4, 0.1, 5, 1), **args)

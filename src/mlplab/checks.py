@@ -54,3 +54,11 @@ def fraction(argument: str, value: float) -> None:
 
 def one_of(argument: str, value, allowed) -> None:
     require(value in allowed, argument, value, f"allowed {tuple(allowed)}")
+
+
+def settings_of(kind: str, name: str, settings: dict, allowed) -> None:
+    """Every key of `settings` is one that `kind` `name` takes (e.g. the optimiser
+    "momentum" takes momentum and nesterov)."""
+    for key, value in settings.items():
+        require(key in allowed, key, value,
+                f"not a setting of {kind} {name!r} (allowed {tuple(allowed)})")

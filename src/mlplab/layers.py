@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlplab import checks
+
 BN_EPS = 1e-5  # keeps 1/sqrt(var) finite for units that are constant in a batch
 
 
@@ -86,22 +88,58 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
-def softmax_cross_entropy(scores, y):
-    """Mean cross-entropy of integer labels.
+def dropout_forward(x, rate, rng=None, *, mask=None):
+    """Inverted dropout, in training only: x: (n, m) -> out: (n, m), in place.
+
+    Each unit is kept with probability 1 - rate and scaled by 1 / (1 - rate), so its
+    expected output is its input and evaluation, which keeps every unit, needs no
+    rescaling (at evaluation there is nothing to call). mask: (n, m) bool of the kept
+    units, drawn from `rng` (a np.random.Generator) unless given. cache: (mask, scale).
+    """
+    scale = 1.0 / (1.0 - rate)
+    if mask is None:
+        # float32 uniforms whatever x's dtype: a mask only needs P(keep) = 1 - rate
+        mask = rng.random(x.shape, dtype=np.float32) >= rate
+    x *= mask
+    x *= scale
+    return x, (mask, scale)
+
+
+def dropout_backward(dout, cache):
+    """dout: (n, m) -> dx: (n, m) = dout * mask / (1 - rate) (modifies dout)."""
+    mask, scale = cache
+    dout *= mask
+    dout *= scale
+    return dout
+
+
+def softmax_cross_entropy(scores, y, label_smoothing=0.0):
+    """Mean cross-entropy of integer labels, optionally against smoothed targets.
 
     scores: (n, k), y: (n,) ints -> loss: float, dscores: (n, k).
     The loss is log-sum-exp minus the correct score, not -log(softmax): a correct class
     scored ~100 below the top (float32) has a probability that underflows to 0, and
     its log would turn a large but finite loss into inf (a false "diverged").
+    label_smoothing = eps in [0, 1): the target of row i is (1 - eps) onehot(y_i) +
+    eps / k (Szegedy et al. 2016), so the loss is log-sum-exp minus that mix of scores
+    and dscores = (softmax - target) / n. eps = 0 is the plain cross-entropy.
     """
-    n = scores.shape[0]
+    n, k = scores.shape
     rows = np.arange(n)
     probs = scores - scores.max(axis=1, keepdims=True)
-    correct = probs[rows, y]  # shifted score of the correct class
+    target_score = probs[rows, y]  # shifted score of the correct class
+    if label_smoothing:
+        checks.fraction("label_smoothing", label_smoothing)
+        target_score = (1 - label_smoothing) * target_score + \
+            label_smoothing * probs.mean(axis=1)
     np.exp(probs, out=probs)
     sums = probs.sum(axis=1)
-    loss = float(np.mean(np.log(sums) - correct))
+    loss = float(np.mean(np.log(sums) - target_score))
     probs /= sums[:, None]
-    probs[rows, y] -= 1
+    if label_smoothing:
+        probs -= label_smoothing / k
+        probs[rows, y] -= 1 - label_smoothing
+    else:
+        probs[rows, y] -= 1
     probs /= n
     return loss, probs

@@ -1,10 +1,11 @@
 """Mini-batch gradient descent with evaluation points.
 
-Plain code: shuffle every epoch, walk the batches, take a step at the rate the
-schedule gives, and at each evaluation point measure loss, cost and accuracy on the
-training and validation splits. `on_eval` receives each record as it is made (the
-app uses it to log to MLflow), `on_progress` the step every PROGRESS_EVERY steps (the
-app checks its tracking there); nothing here knows about tracking.
+Plain code: shuffle every epoch, walk the batches (augmented, if asked), take a step
+of the optimiser (plain SGD by default) at the rate the schedule gives, and at each
+evaluation point measure loss, cost and accuracy on the training and validation
+splits. `on_eval` receives each record as it is made (the app uses it to log to
+MLflow), `on_progress` the step every PROGRESS_EVERY steps (the app checks its
+tracking there); nothing here knows about tracking.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import layers, network
+from mlplab import checks, layers, network, optim
 from mlplab.data import Dataset
 from mlplab.network import Network
 
@@ -42,19 +43,21 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def sgd_step(net: Network, Xb, yb, eta: float, lam: float) -> float:
-    """One update on a batch Xb: (b, d), yb: (b,); returns the batch loss (no penalty)."""
-    scores, caches = network.forward(net, Xb, train=True)
-    loss, dscores = layers.softmax_cross_entropy(scores, yb)
+PLAIN_SGD = optim.SGD()
+
+
+def sgd_step(net: Network, Xb, yb, eta: float, lam: float, optimizer=None, *,
+             dropout_rng=network.DROPOUT_SEED, label_smoothing: float = 0.0) -> float:
+    """One stochastic-gradient update on a batch Xb: (b, d), yb: (b,); returns the
+    batch loss (no penalty; smoothed if `label_smoothing`).
+
+    optimizer: an mlplab.optim optimiser, plain SGD when None. dropout_rng: where the
+    network's dropout masks come from (see network.forward).
+    """
+    scores, caches = network.forward(net, Xb, train=True, dropout_rng=dropout_rng)
+    loss, dscores = layers.softmax_cross_entropy(scores, yb, label_smoothing)
     grads = network.backward(net, dscores, caches)
-    params = net.params
-    decay = 1.0 - 2.0 * eta * lam  # W - eta * (g + 2 lam W), without a temporary
-    for name, g in grads.items():
-        p = params[name]
-        if name[0] == "W" and lam:
-            p *= decay
-        g *= eta
-        p -= g
+    (optimizer or PLAIN_SGD).step(net.params, grads, eta, lam)
     return loss
 
 
@@ -74,18 +77,37 @@ def evaluate_splits(net: Network, data: Dataset, lam: float, splits=("train", "v
 
 
 def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
-          rng=None, evals_per_cycle: int = 10,
+          rng=None, evals_per_cycle: int = 10, optimizer=None, augment=None,
+          label_smoothing: float = 0.0,
           on_eval: Callable[[dict], None] | None = None,
           on_progress: Callable[[int], None] | None = None, progress: bool = True) -> Result:
     """Train `net` in place on `data` with `schedule` (see mlplab.schedules).
 
+    optimizer: from mlplab.optim (e.g. optim.make_optimizer("momentum")), a fresh one
+    per run since it carries its state; None is plain SGD. augment: a callable
+    (Xb: (b, d), rng) -> (b, d) applied to every training batch, e.g.
+    augment.FlipTranslate(); None leaves batches as they are. label_smoothing: in
+    [0, 1), for the training loss only (evaluation reports the plain cross-entropy).
+    Dropout is the network's (net.dropout).
+
+    Randomness comes from `rng` alone: it shuffles, and two streams spawned from it
+    draw the dropout masks and the augmentations, so switching either on changes
+    neither the shuffles nor the other's draws. Same seed, same numbers.
     Raises Diverged as soon as a batch loss or an evaluated cost is not finite.
     """
     rng = np.random.default_rng(rng)
     X, y = data.X_train, data.y_train
     n = len(y)
-    if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training rows")
+    checks.non_negative("lam", lam)
+    checks.require(isinstance(batch_size, (int, np.integer)) and 0 < batch_size <= n,
+                   "batch_size", batch_size, f"must be between 1 and the {n} training rows")
+    checks.positive_int("evals_per_cycle", evals_per_cycle)
+    checks.fraction("label_smoothing", label_smoothing)
+    dropout_rng, augment_rng = rng.spawn(2)
+    # only what is set, so that the plain path calls sgd_step as it always has
+    step_options = {key: value for key, value in [
+        ("optimizer", optimizer), ("label_smoothing", label_smoothing),
+        ("dropout_rng", dropout_rng if any(net.dropout) else None)] if value}
     per_epoch = n // batch_size
     total = schedule.total_steps(per_epoch)
     rates = schedule.rates(total)
@@ -121,7 +143,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
             order = rng.permutation(n)
             for b in range(min(per_epoch, total - step)):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                loss = sgd_step(net, X[idx], y[idx], float(rates[step]), lam)
+                Xb = X[idx] if augment is None else augment(X[idx], augment_rng)
+                loss = sgd_step(net, Xb, y[idx], float(rates[step]), lam, **step_options)
                 step += 1
                 if not math.isfinite(loss):
                     raise Diverged(step, loss)
