@@ -88,3 +88,27 @@ def test_runs_in_one_process_share_the_loaded_dataset(make_cfg, monkeypatch):
     assert len(loads) == 1
     run_experiment(make_cfg(*base, "data.n_train=30"))  # other data: loaded again
     assert len(loads) == 2
+
+
+@pytest.mark.parametrize("overrides", [
+    ("optimizer=momentum", "optimizer.nesterov=true"),
+    ("optimizer=adam",),
+    ("optimizer=adamw", "optimizer.weight_decay=0.05"),
+    ("model.layers=[8,8]", "model.dropout=[0.2,0.5]", "bn=true"),
+    ("augment=flip_translate", "augment.max_shift=2"),
+    ("train.label_smoothing=0.1",),
+    ("schedule=cosine", "schedule.epochs=2", "schedule.warmup_epochs=0.5"),
+])
+def test_each_toolbox_key_trains_and_is_recorded(make_cfg, tracking_uri, overrides):
+    short = () if "schedule=cosine" in overrides else ("schedule.n_s=3",)
+    cfg = make_cfg("model.layers=[8]", *short, "tracking.log_model=false", *overrides)
+    outcome = run_experiment(cfg)
+    run = MlflowClient(tracking_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and np.isfinite(outcome.final["val_cost"])
+    for override in overrides:
+        key, value = override.split("=")
+        if key in ("optimizer", "augment", "schedule"):  # a group's choice: its name
+            assert run.data.params[f"{key}.name"] == value
+        else:
+            assert run.data.params[key].replace(" ", "").lower() == value.lower(), key
+    assert run_experiment(cfg).final == outcome.final  # same config and seed, same numbers

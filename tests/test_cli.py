@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import trainer
+from mlplab import tracking, trainer
 from mlplab.commands import train as train_command
 from tests.conftest import REPO
 
@@ -181,7 +181,6 @@ def _metric_logged(tmp_path) -> bool:
     """Whether the run is open in the store (metrics reach it every few seconds)."""
     if not (tmp_path / "mlflow.db").exists():
         return False
-    try:
+    # under the store's lock, or this process could race the run's to create the tables
+    with tracking.store_lock(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         return bool(_runs(tmp_path))
-    except Exception:  # being created
-        return False

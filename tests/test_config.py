@@ -15,7 +15,7 @@ from mlplab.config import ConfigError
     ("lam=-0.1", "lam=-0.1"),
     ("train.batch_size=-5", "train.batch_size=-5"),
     ("train.batch_size=0", "train.batch_size=0"),
-    ("schedule.eta_min=0.5", "eta_min must be <= eta_max"),
+    ("schedule.eta_min=0.5", "schedule.eta_min=0.5: must be <= eta_max"),
     ("data.n_val=0", "data.n_val=0"),
     ("data.split=batch9", "data.split='batch9'"),
     ("data.n_train=0", "data.n_train=0"),
@@ -28,7 +28,25 @@ from mlplab.config import ConfigError
     ("schedule.eta_max=inf", "schedule.eta_max=inf"),
     ("lam=inf", "lam=inf"),
     ("model.init_std=nan", "model.init_std=nan"),
-    ("data=digits data.split=batch1", "digits has no batches"),
+    ("data=digits data.split=batch1", "data.split='batch1': with data=digits"),
+    # checked by the engine (ArgumentError), named here by the config key
+    ("schedule.cycles=0", "schedule.cycles=0"),
+    ("schedule.n_s=0", "schedule.n_s=0"),
+    ("train.evals_per_cycle=0", "train.evals_per_cycle=0"),
+    ("schedule=constant schedule.eta=-1", "schedule.eta=-1"),
+    ("schedule=cosine schedule.warmup_epochs=40 schedule.epochs=30",
+     "schedule.warmup_epochs=40"),
+    ("model.dropout=1.0", "model.dropout=1.0"),
+    ("model.dropout=-0.1", "model.dropout=-0.1"),
+    ("model.layers=[50] model.dropout=[0.1,0.2]", "model.dropout=[0.1, 0.2]"),
+    ("optimizer=momentum optimizer.momentum=1.2", "optimizer.momentum=1.2"),
+    ("optimizer=adam optimizer.beta1=1.0", "optimizer.beta1=1.0"),
+    ("optimizer=adamw optimizer.beta2=-0.5", "optimizer.beta2=-0.5"),
+    ("optimizer=adam optimizer.eps=0", "optimizer.eps=0"),
+    ("optimizer.name=rmsprop", "optimizer.name='rmsprop'"),
+    ("augment=flip_translate augment.max_shift=16", "augment.max_shift=16"),
+    ("augment.name=mixup", "augment.name='mixup'"),
+    ("train.label_smoothing=1.0", "train.label_smoothing=1.0"),
 ])
 def test_bad_values_fail_before_anything_is_recorded(make_cfg, tracking_uri, override, message):
     cfg = make_cfg(*override.split())
@@ -62,3 +80,10 @@ def test_the_default_config_composes_to_the_documented_baseline(make_cfg):
     assert list(cfg.model.layers) == [50]
     assert cfg.schedule.name == "clr" and cfg.schedule.n_s == 500
     assert cfg.lam == 0.01 and cfg.bn is False and cfg.data.split == "batch1"
+
+
+@pytest.mark.parametrize("override", ["optimizer=rmsprop", "augment=mixup"])
+def test_an_unknown_optimizer_or_augment_option_lists_the_available_ones(make_cfg, override):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(override)
+    assert "Available options" in str(err.value)

@@ -19,6 +19,9 @@ class ArgumentError(ValueError):
         super().__init__(f"{argument}={value!r}: {allowed}")
         self.argument, self.value, self.allowed = argument, value, allowed
 
+    def __reduce__(self):  # picklable, as a launcher's worker sends it back
+        return type(self), (self.argument, self.value, self.allowed)
+
 
 def _number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)

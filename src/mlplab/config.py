@@ -1,26 +1,25 @@
-"""The config schema: what `conf/` may contain and which values are allowed.
+"""The config schema: what `conf/` may contain, and errors that name its keys.
 
-OmegaConf enforces types and refuses unknown keys while Hydra composes; `validate`
-then checks the values (ranges, orderings, names) before anything is trained or
-tracked, and names the key and what is allowed in its message.
+OmegaConf enforces types while Hydra composes; `check_keys` refuses keys the schema
+does not know (Hydra lets `+key=value` add any). Values are checked by the engine
+itself (ArgumentError, see mlplab.checks); `keyed` turns those errors into a
+ConfigError naming the config key, so no check is written twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mlplab.data import CIFAR10_MD5, CIFAR10_URL, DATASETS, SPLITS
-from mlplab.network import INITS
-
-DTYPES = ("float32", "float64")
-SCHEDULES = ("constant", "clr")
+from mlplab.checks import ArgumentError
+from mlplab.data import CIFAR10_MD5, CIFAR10_URL
 
 
 class ConfigError(ValueError):
@@ -29,6 +28,9 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+    def __reduce__(self):  # keeps the key when a launcher sends it between processes
+        return type(self), (str(self), self.key)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelConfig:
     init: str = "he"
     init_std: float = 1e-2
     bn_momentum: float = 0.9
+    dropout: Any = 0.0  # a rate for every hidden layer, or a list: one per hidden layer
 
 
 @dataclass
@@ -68,11 +71,58 @@ class CyclicalSchedule:
 
 
 @dataclass
+class CosineSchedule:
+    name: str = "cosine"
+    eta: float = 0.05
+    epochs: int = 30
+    warmup_epochs: float = 1.0
+    eta_min: float = 0.0
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+
+
+@dataclass
+class MomentumConfig:
+    name: str = "momentum"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class NoAugment:
+    name: str = "none"
+
+
+@dataclass
+class FlipTranslateConfig:
+    name: str = "flip_translate"
+    max_shift: int = 4
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 100
     seed: int = 0
     dtype: str = "float32"
     evals_per_cycle: int = 10
+    label_smoothing: float = 0.0
     progress: bool = True
 
 
@@ -105,6 +155,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: Any = MISSING
+    optimizer: Any = MISSING
+    augment: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
@@ -117,12 +169,29 @@ def register() -> None:
     """Make the schemas available to the YAML files under conf/ as defaults."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="schedule", name="constant_schema", node=ConstantSchedule)
-    cs.store(group="schedule", name="clr_schema", node=CyclicalSchedule)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
 
 
-def _positive(x: float) -> bool:
-    return math.isfinite(x) and x > 0
+SCHEMAS = {  # group -> option -> schema, as conf/<group>/<option>.yaml use them
+    "schedule": {"constant": ConstantSchedule, "clr": CyclicalSchedule,
+                 "cosine": CosineSchedule},
+    "optimizer": {"sgd": SGDConfig, "momentum": MomentumConfig, "adam": AdamConfig,
+                  "adamw": AdamWConfig},
+    "augment": {"none": NoAugment, "flip_translate": FlipTranslateConfig},
+}
+
+
+@contextmanager
+def keyed(prefix: str = "", **renames: str) -> Iterator[None]:
+    """Turn the engine's ArgumentError into a ConfigError naming the config key:
+    `prefix + argument`, or `renames[argument]` (e.g. hidden='model.layers')."""
+    try:
+        yield
+    except ArgumentError as err:
+        key = renames.get(err.argument, prefix + err.argument)
+        raise ConfigError(f"{key}={err.value!r}: {err.allowed}", key=key) from None
 
 
 def _require(ok: bool, message: str) -> None:
@@ -138,6 +207,8 @@ def _keys(node: DictConfig, prefix: str = ""):
         return
     known = {f.name for f in dataclasses.fields(schema)}
     for key in node:
+        if not prefix and key == "hydra":
+            continue  # Hydra's own, which Hydra checks
         yield f"{prefix}{key}", key in known
         child = node._get_node(key)
         if key in known and isinstance(child, DictConfig):
@@ -156,48 +227,8 @@ def check_keys(cfg: DictConfig) -> None:
                               key=key)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check value ranges that types cannot express; raise ConfigError naming the key."""
-    check_keys(cfg)
-    d, m, s, t = cfg.data, cfg.model, cfg.schedule, cfg.train
-    _require(d.name in DATASETS, f"data.name={d.name!r}: allowed {DATASETS}")
-    _require(d.split in SPLITS, f"data.split={d.split!r}: allowed {SPLITS}")
-    _require(d.name != "digits" or d.split == "all",
-             f"data.split={d.split!r} with data=digits: digits has no batches, allowed 'all'")
-    _require(d.n_val > 0, f"data.n_val={d.n_val}: the validation split must not be empty (> 0)")
-    _require(d.n_train is None or d.n_train > 0,
-             f"data.n_train={d.n_train}: must be null (all) or > 0")
-    _require(all(h > 0 for h in m.layers),
-             f"model.layers={list(m.layers)}: hidden sizes must be > 0 ([] = softmax classifier)")
-    _require(m.init in INITS, f"model.init={m.init!r}: allowed {INITS}")
-    _require(_positive(m.init_std), f"model.init_std={m.init_std}: must be finite and > 0")
-    _require(0 <= m.bn_momentum < 1, f"model.bn_momentum={m.bn_momentum}: must be in [0, 1)")
-    _require(cfg.lam >= 0 and math.isfinite(cfg.lam),
-             f"lam={cfg.lam}: the L2 strength must be finite and >= 0")
-    _require(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0")
-    _require(t.seed >= 0, f"train.seed={t.seed}: must be >= 0")
-    _require(t.dtype in DTYPES, f"train.dtype={t.dtype!r}: allowed {DTYPES}")
-    _require(t.evals_per_cycle > 0, f"train.evals_per_cycle={t.evals_per_cycle}: must be > 0")
-    _require(s.name in SCHEDULES, f"schedule.name={s.name!r}: allowed {SCHEDULES}")
-    if s.name == "constant":
-        _require(_positive(s.eta), f"schedule.eta={s.eta}: must be finite and > 0")
-        _require(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
-    else:
-        _require(_positive(s.eta_min), f"schedule.eta_min={s.eta_min}: must be finite and > 0")
-        _require(_positive(s.eta_max), f"schedule.eta_max={s.eta_max}: must be finite and > 0")
-        _require(s.eta_min <= s.eta_max,
-                 f"schedule.eta_min={s.eta_min} > schedule.eta_max={s.eta_max}: "
-                 "eta_min must be <= eta_max")
-        _require(s.cycles > 0, f"schedule.cycles={s.cycles}: must be > 0")
-        _require((s.n_s is None) != (s.n_s_k is None),
-                 f"schedule.n_s={s.n_s}, schedule.n_s_k={s.n_s_k}: set exactly one "
-                 "(n_s steps, or n_s_k epochs' worth of steps)")
-        _require(s.n_s is None or s.n_s > 0, f"schedule.n_s={s.n_s}: must be > 0")
-        _require(s.n_s_k is None or s.n_s_k > 0, f"schedule.n_s_k={s.n_s_k}: must be > 0")
-
-
 def validate_gradcheck(cfg: DictConfig) -> None:
-    """Check the `gradcheck` section (the command also runs `validate`)."""
+    """Check the `gradcheck` section (the command also runs experiment.validate)."""
     g = cfg.gradcheck
     _require(g.d > 0, f"gradcheck.d={g.d}: the number of input dimensions must be > 0")
     _require(g.n > 0, f"gradcheck.n={g.n}: the number of samples must be > 0")

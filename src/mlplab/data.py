@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlplab import checks
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -32,6 +34,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 SPLITS = ("batch1", "all")
 DATASETS = ("cifar10", "digits")
+DTYPES = ("float32", "float64")  # training in float32; float64 for gradient checks
 DIGITS_TEST_FRACTION = 0.2
 COMPLETE_MARKER = ".complete"
 
@@ -265,6 +268,18 @@ def standardise(X_train, *others, dtype=np.float32):
     return (mean, std, *scaled)
 
 
+def check_options(name: str, *, split: str = "batch1", n_val: int = 5000,
+                  n_train: int | None = None, dtype="float32") -> None:
+    """Check load_dataset's settings before anything is read (the bounds that depend
+    on the data are checked once it is loaded)."""
+    checks.one_of("name", name, DATASETS)
+    checks.one_of("split", split, SPLITS)
+    checks.positive_int("n_val", n_val)
+    checks.require(n_train is None or (isinstance(n_train, int) and n_train > 0), "n_train",
+                   n_train, "must be null (all) or an integer > 0")
+    checks.one_of("dtype", str(dtype), DTYPES)
+
+
 def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
                  url=CIFAR10_URL, md5=CIFAR10_MD5, root=None, dtype=np.float32) -> Dataset:
     """Load, split and standardise.
@@ -274,10 +289,7 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
     `n_train` keeps only the first n training rows (sanity checks, quick tests).
     Test is always `test_batch`. For "digits" both splits hold out `n_val` rows.
     """
-    if name not in DATASETS:
-        raise DataError(f"data.name={name!r} is not one of {DATASETS}")
-    if split not in SPLITS:
-        raise DataError(f"data.split={split!r} is not one of {SPLITS}")
+    check_options(name, split=split, n_val=n_val, n_train=n_train, dtype=np.dtype(dtype).name)
     if name == "cifar10":
         X, y, X_test, y_test, sizes = _raw_cifar10(url, md5, root, split)
         shape, classes, source = (32, 32, 3), CIFAR10_CLASSES, url

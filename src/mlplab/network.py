@@ -79,6 +79,17 @@ def dropout_rates(dropout, n_hidden: int) -> tuple[float, ...]:
     return tuple(float(r) for r in rates)
 
 
+def check_architecture(hidden, *, init="he", init_std=1e-2, bn_momentum=0.9,
+                       dropout=0.0) -> None:
+    """Check init_network's settings without drawing any weight."""
+    checks.require(all(isinstance(h, (int, np.integer)) and h > 0 for h in hidden),
+                   "hidden", list(hidden), "hidden sizes must be integers > 0")
+    checks.one_of("init", init, INITS)
+    checks.positive("init_std", init_std)
+    checks.fraction("bn_momentum", bn_momentum)
+    dropout_rates(dropout, len(hidden))
+
+
 def init_network(d_in, hidden, n_classes, *, bn=False, init="he", init_std=1e-2,
                  bn_momentum=0.9, dropout=0.0, rng=None, dtype=np.float32) -> Network:
     """Draw initial weights.
@@ -89,11 +100,8 @@ def init_network(d_in, hidden, n_classes, *, bn=False, init="he", init_std=1e-2,
     """
     checks.positive_int("d_in", d_in)
     checks.positive_int("n_classes", n_classes)
-    checks.require(all(isinstance(h, (int, np.integer)) and h > 0 for h in hidden),
-                   "hidden", list(hidden), "hidden sizes must be integers > 0")
-    checks.one_of("init", init, INITS)
-    checks.positive("init_std", init_std)
-    checks.fraction("bn_momentum", bn_momentum)
+    check_architecture(hidden, init=init, init_std=init_std, bn_momentum=bn_momentum,
+                       dropout=dropout)  # Network checks the dropout rates again: cheap
     rng = np.random.default_rng(rng)
     sizes = [d_in, *hidden, n_classes]
     n_layers = len(sizes) - 1

@@ -76,6 +76,14 @@ def evaluate_splits(net: Network, data: Dataset, lam: float, splits=("train", "v
     return record
 
 
+def check_options(*, lam: float, evals_per_cycle: int = 10,
+                  label_smoothing: float = 0.0) -> None:
+    """Check train's settings that do not depend on the data."""
+    checks.non_negative("lam", lam)
+    checks.positive_int("evals_per_cycle", evals_per_cycle)
+    checks.fraction("label_smoothing", label_smoothing)
+
+
 def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
           rng=None, evals_per_cycle: int = 10, optimizer=None, augment=None,
           label_smoothing: float = 0.0,
@@ -98,11 +106,9 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     rng = np.random.default_rng(rng)
     X, y = data.X_train, data.y_train
     n = len(y)
-    checks.non_negative("lam", lam)
+    check_options(lam=lam, evals_per_cycle=evals_per_cycle, label_smoothing=label_smoothing)
     checks.require(isinstance(batch_size, (int, np.integer)) and 0 < batch_size <= n,
                    "batch_size", batch_size, f"must be between 1 and the {n} training rows")
-    checks.positive_int("evals_per_cycle", evals_per_cycle)
-    checks.fraction("label_smoothing", label_smoothing)
     dropout_rng, augment_rng = rng.spawn(2)
     # only what is set, so that the plain path calls sgd_step as it always has
     step_options = {key: value for key, value in [

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -41,8 +40,8 @@ from optuna.trial import TrialState
 from mlplab import tracking
 from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import ConfigError
-from mlplab.config import validate as validate_config
 from mlplab.data import DataError
+from mlplab.experiment import validate as validate_config
 
 from . import _space, _studies
 from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
@@ -103,9 +102,9 @@ def check(s: DictConfig) -> None:
     _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
 
 
-def names_searched(message: str, params: list[Param]) -> bool:
-    """Whether an error message names a searched key as `key=...` (our errors do)."""
-    return any(re.search(rf"(?<![\w.]){re.escape(p.name)}=", message) for p in params)
+def names_searched(err: Exception, params: list[Param]) -> bool:
+    """Whether a ConfigError is about a searched key (that sample's fault)."""
+    return getattr(err, "key", None) in {p.name for p in params}
 
 
 def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> dict:
@@ -178,7 +177,7 @@ class Sweep:
             try:
                 validate_config(job)
             except ConfigError as err:
-                if not names_searched(str(err), params):
+                if not names_searched(err, params):
                     raise
                 log.warning("stage %s: %s (at the point %s of the space): trials with "
                             "such values will fail", stage.label, err, point)
@@ -357,8 +356,7 @@ class Sweep:
             value = float(ret.return_value)  # re-raises the job's exception
         except Exception as err:
             failure = f"{type(err).__name__}: {err}"
-            if isinstance(err, (ConfigError, DataError)) and not names_searched(str(err),
-                                                                                  space):
+            if isinstance(err, (ConfigError, DataError)) and not names_searched(err, space):
                 fatal = err
         else:
             if not math.isfinite(value):

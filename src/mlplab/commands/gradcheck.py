@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, gradcheck, network, tracking
+from mlplab import config, experiment, gradcheck, network, tracking
 from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
 from mlplab.config import ConfigError
 from mlplab.data import DataError
@@ -85,16 +85,20 @@ def move_off_initial_values(net: network.Network, std: float, rng) -> None:
 def check_network(net: network.Network, X, y, lam: float, *, h: float = gradcheck.DEFAULT_H,
                   order: int = gradcheck.DEFAULT_ORDER, eps: float = gradcheck.DEFAULT_EPS,
                   threshold: float = gradcheck.DEFAULT_THRESHOLD,
-                  exclude_kinks: bool = True) -> list[gradcheck.Row]:
+                  exclude_kinks: bool = True,
+                  label_smoothing: float = 0.0) -> list[gradcheck.Row]:
     """Check the gradient of the training cost (loss + L2) for every parameter of `net`.
 
     net: float64 network; X: (n, d) float64, y: (n,) ints. Batch norm uses the batch
-    statistics and leaves the running averages alone.
+    statistics and leaves the running averages alone; dropout draws the same masks at
+    every evaluation (network.DROPOUT_SEED), so the cost is one smooth function.
     """
     def cost():
-        return network.cost_and_grads(net, X, y, lam, update_stats=False)[1]
+        return network.cost_and_grads(net, X, y, lam, update_stats=False,
+                                      label_smoothing=label_smoothing)[1]
 
-    analytic = network.cost_and_grads(net, X, y, lam, update_stats=False)[2]
+    analytic = network.cost_and_grads(net, X, y, lam, update_stats=False,
+                                      label_smoothing=label_smoothing)[2]
     numeric = gradcheck.numerical_gradients(cost, net.params, h, order=order)
     kinks = None
     if exclude_kinks:
@@ -128,7 +132,7 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
     """Validate, build the reduced problem, check it and track it. Raises ConfigError
     or DataError before anything is recorded."""
     t_start = time.perf_counter()
-    config.validate(cfg)
+    experiment.validate(cfg)
     config.validate_gradcheck(cfg)
     g, m = cfg.gradcheck, cfg.model
     lam = cfg.lam if g.lam is None else g.lam
@@ -136,11 +140,13 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
     init_seed, jitter_seed = np.random.SeedSequence(g.seed).spawn(2)
     net = network.init_network(g.d, list(m.layers), n_classes, bn=cfg.bn, init=m.init,
                                init_std=m.init_std, bn_momentum=m.bn_momentum,
+                               dropout=experiment.dropout_rates(cfg),
                                rng=np.random.default_rng(init_seed), dtype=np.float64)
     move_off_initial_values(net, g.jitter, np.random.default_rng(jitter_seed))
     summary = describe(net, cfg, lam)
     rows = check_network(net, X, y, lam, h=g.h, order=g.order, eps=g.eps,
-                         threshold=g.threshold, exclude_kinks=g.exclude_kinks)
+                         threshold=g.threshold, exclude_kinks=g.exclude_kinks,
+                         label_smoothing=cfg.train.label_smoothing)
     seconds = time.perf_counter() - t_start
     ok = gradcheck.passed(rows)
 

@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, data, experiment, network, tracking, trainer
+from mlplab import data, experiment, network, tracking, trainer
 from mlplab.commands.common import (
     CONF_DIR,
     exit_with,
@@ -54,7 +54,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     anything is recorded; trainer.Diverged after marking the run FAILED;
     tracking.TrackingError if the run could not be recorded."""
     t_start = time.perf_counter()
-    config.validate(cfg)
+    experiment.validate(cfg)
     ds = experiment.build_dataset(cfg)
     schedule = experiment.build_schedule(cfg, len(ds.y_train))
     init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
@@ -63,7 +63,9 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     train = functools.partial(
         trainer.train, net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
         rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
-        progress=cfg.train.progress)
+        optimizer=experiment.build_optimizer(cfg),
+        augment=experiment.build_augment(cfg, ds.image_shape),
+        label_smoothing=cfg.train.label_smoothing, progress=cfg.train.progress)
     t_cfg = cfg.tracking
     if not t_cfg.enabled:
         result = train()
