@@ -112,3 +112,20 @@ def test_each_toolbox_key_trains_and_is_recorded(make_cfg, tracking_uri, overrid
         else:
             assert run.data.params[key].replace(" ", "").lower() == value.lower(), key
     assert run_experiment(cfg).final == outcome.final  # same config and seed, same numbers
+
+
+def test_the_model_of_a_dropout_and_augmentation_run_predicts_raw_images_in_eval_mode(
+        make_cfg, tracking_uri, tiny_cifar):
+    cfg = make_cfg("model.layers=[16,16]", "bn=true", "model.dropout=0.5",
+                   "augment=flip_translate", "optimizer=momentum", "schedule.n_s=6")
+    outcome = run_experiment(cfg)
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = MlflowClient(tracking_uri).get_run(outcome.run_id).info.experiment_id
+    [logged] = mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    folder = data.cifar10_dir(*tiny_cifar, cfg.data.root)
+    rows, labels = data.load_batch(folder / "test_batch")
+    images = data.rows_to_images(rows, (32, 32, 3))
+    first, again = model.predict(images), model.predict(images)
+    assert np.array_equal(first, again)  # no dropout at prediction: the same answer
+    assert np.mean(first == labels) == pytest.approx(outcome.final["test_acc"])
