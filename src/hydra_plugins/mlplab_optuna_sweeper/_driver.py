@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from hydra.core.override_parser.types import Transformer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from mlplab import tracking
@@ -175,6 +175,8 @@ class Sweep:
         for stage in stages:
             job = self.compose([*fixed, *stage.overrides,
                                 *(p.override(point[p.name]) for p in params)])
+            with open_dict(job):
+                del job["hydra"]  # the task's own config, as Hydra hands it to the job
             try:
                 validate_config(job)
             except ConfigError as err:
