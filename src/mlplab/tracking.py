@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from mlplab.passwords import mask_password, unmask
+
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 SQLITE = "sqlite:///"
@@ -49,10 +51,11 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(uri: str | None = None) -> str:
-    """The tracking URI: given, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in
-    the folder the user ran from (absolute, so Hydra's output folders don't matter)."""
+    """The tracking URI: given (a masked password filled back in, see passwords.py),
+    else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the folder the user ran from
+    (absolute, so Hydra's output folders don't matter)."""
     if uri:
-        return uri
+        return unmask(uri)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -122,8 +125,8 @@ def open_experiment(uri: str, name: str):
                 if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
                     with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
     except Exception as err:
-        raise TrackingError(f"cannot open the MLflow store {uri}: "
-                            f"{str(err).splitlines()[0]}") from err
+        raise TrackingError(f"cannot open the MLflow store {mask_password(uri)}: "
+                            f"{mask_password(str(err).splitlines()[0])}") from err
     return client, exp_id
 
 
@@ -143,7 +146,7 @@ def flatten(d, prefix="") -> dict[str, str]:
         if isinstance(value, dict):
             out |= flatten(value, f"{name}.")
         else:
-            out[name] = str(value)[:MAX_PARAM_LENGTH]
+            out[name] = mask_password(str(value))[:MAX_PARAM_LENGTH]
     return out
 
 
@@ -190,8 +193,9 @@ class Run:
         except TrackingError:
             raise
         except Exception as err:
-            raise TrackingError(f"{what} for run {self.run_id}: "
-                                f"{str(err).splitlines()[0] if str(err) else err!r}") from err
+            first = str(err).splitlines()[0] if str(err) else repr(err)
+            raise TrackingError(f"{what} for run {self.run_id}: {mask_password(first)}") \
+                from err
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -233,8 +237,8 @@ class Run:
         from mlflow.entities import RunTag
 
         with self._timed("setting tags"):
-            items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()
-                     if v is not None]
+            items = [RunTag(k, mask_password(str(v))[:MAX_TAG_LENGTH])
+                     for k, v in tags.items() if v is not None]
             with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_datasets(self, ds) -> None:
@@ -304,8 +308,8 @@ def open_run(*, uri: str, experiment: str, run_name: str | None = None,
         active = with_retries(lambda: mlflow.start_run(
             experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
     except Exception as err:
-        raise TrackingError(f"cannot start a run in {uri}: {str(err).splitlines()[0]}") \
-            from err
+        raise TrackingError(f"cannot start a run in {mask_password(uri)}: "
+                            f"{mask_password(str(err).splitlines()[0])}") from err
     return Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
 
 

@@ -43,6 +43,7 @@ from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import ConfigError
 from mlplab.config import validate as validate_config
 from mlplab.data import DataError
+from mlplab.passwords import mask_password
 
 from . import _space, _studies
 from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
@@ -144,7 +145,8 @@ class Sweep:
         parent = ParentRun(self.uri, self.config.tracking.experiment)
         parent.attach(sweep_study, created, name, _studies.describe_storage(s.storage))
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
-                 _studies.describe_storage(s.storage), self.worker, parent.run_id, self.uri)
+                 _studies.describe_storage(s.storage), self.worker, parent.run_id,
+                 mask_password(self.uri))
         parent.log_params({
             "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
             "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
@@ -345,7 +347,8 @@ class Sweep:
     def _overrides(self, stage: Stage, trial, space: list[Param], fixed, parent) -> list[str]:
         return [*fixed, *stage.overrides,
                 *(p.override(trial.params[p.name]) for p in space),
-                f"tracking.uri={Transformer.str(self.uri)}",
+                # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
+                f"tracking.uri={Transformer.str(mask_password(self.uri))}",
                 f"tracking.parent_run_id={parent.run_id}",
                 "tracking.run_name="
                 + Transformer.str(run_name(stage.label, trial.number, trial.params)),

@@ -25,6 +25,7 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from mlplab import plots, tracking
+from mlplab.passwords import mask_password
 
 from ._space import Param
 
@@ -69,7 +70,7 @@ class ParentRun:
             run_id = sweep_study.user_attrs.get(PARENT_ATTR)  # read from the storage
         if run_id is not None and not self._exists(run_id):
             log.warning("parent run %s of study %s is gone from %s; starting a new one",
-                        run_id, study_name, self.uri)
+                        run_id, study_name, mask_password(self.uri))
             run_id = None
         if run_id is None:
             tags = {"mlplab.sweep": "true", "mlplab.study": study_name,

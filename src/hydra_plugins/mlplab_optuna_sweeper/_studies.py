@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mlplab.config import ConfigError
+from mlplab.passwords import mask_password, unmask
 from mlplab.tracking import store_lock, with_retries
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def worker_id() -> str:
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """None: in memory; journal:PATH: a journal file; anything else: an RDB URL."""
+    """None: in memory; journal:PATH: a journal file; anything else: an RDB URL (a
+    password masked in the config is filled back in)."""
     if url is None:
         return optuna.storages.InMemoryStorage()
     if url.startswith(JOURNAL_PREFIX):
@@ -57,6 +59,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     if "://" not in url:
         raise ConfigError(f"hydra.sweeper.storage={url!r}: allowed null, journal:PATH, or a "
                           "database URL such as sqlite:///optuna.db or postgresql://...")
+    url = unmask(url)
     kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}} \
         if url.startswith("sqlite") else {}
     # several workers may create the schema at once: one at a time on a local file
@@ -71,11 +74,7 @@ def describe_storage(url: str | None) -> str:
         return "in memory"
     if url.startswith(JOURNAL_PREFIX):
         return JOURNAL_PREFIX + str(Path(url[len(JOURNAL_PREFIX):]).expanduser().resolve())
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
+    return mask_password(url)
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:

@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, data, experiment, network, tracking, trainer
+from mlplab import config, data, experiment, network, passwords, tracking, trainer
 from mlplab.commands.common import (
     CONF_DIR,
     exit_with,
@@ -144,8 +144,9 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     )
     if outcome.run_id:
         if not outcome.tracking_uri.startswith(("http://", "https://")):
-            print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
-        print(f"  runs      {outcome.runs_page}")
+            print("  browse    mlflow ui --backend-store-uri "
+                  + passwords.mask_password(outcome.tracking_uri))
+        print(f"  runs      {passwords.mask_password(outcome.runs_page)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
