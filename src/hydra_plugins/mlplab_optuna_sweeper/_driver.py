@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
 SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
+WORKER_LOST = "worker lost"  # the failure of a stale trial's run: its worker stopped
 
 
 class SweepFailed(RuntimeError):
@@ -263,8 +264,8 @@ class Sweep:
                            **{f"{stage.study_suffix}.space.{k}": v for k, v in spans.items()}})
         log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
                  ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
-        ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_killed(
-            stage.label, [t.number for t in trials]))
+        ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_ended(
+            stage.label, [t.number for t in trials], "FAILED", failure=WORKER_LOST))
         said_waiting = False
         while True:
             counted = ledger.counted()
@@ -333,7 +334,7 @@ class Sweep:
             try:
                 # A launcher's workers may have been killed before closing their runs
                 # (joblib does on Ctrl-C): any run of this worker's still RUNNING is over.
-                parent.mark_killed(stage.label, sorted(
+                parent.mark_ended(stage.label, sorted(
                     {t.number for t in unfinished} | set(self.launched.get(stage.label, []))))
             except Exception as err:
                 log.warning("could not mark interrupted child runs KILLED: %s", err)

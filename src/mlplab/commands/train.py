@@ -70,9 +70,10 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         return Outcome(result.final, None, None, _seconds(result, 0.0, t_start))
 
     uri = tracking.resolve_uri(t_cfg.uri)
+    # the config's tags from the start: a sweep finds a killed trial's run by them
     with tracking.run(uri=uri, experiment=t_cfg.experiment,
                       run_name=t_cfg.run_name or experiment.run_name(cfg, net),
-                      parent_run_id=t_cfg.parent_run_id) as run:
+                      tags=dict(cfg.tags), parent_run_id=t_cfg.parent_run_id) as run:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint))
