@@ -112,18 +112,21 @@ def open_experiment(uri: str, name: str):
     under the store's lock, so processes started together never race to create them."""
     from mlflow import MlflowClient
 
+    def get_or_create():  # a worker on another machine may create it meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                     tags=dict([EXPERIMENT_KIND]))
+            exp = client.get_experiment_by_name(name)
+        return exp
+
     try:
         with store_lock(uri):
             client = MlflowClient(uri)
-            exp = client.get_experiment_by_name(name)  # opens (and creates) the store
-            if exp is None:
-                exp_id = with_retries(lambda: client.create_experiment(
-                    name, artifact_location=artifact_location(uri, name),
-                    tags=dict([EXPERIMENT_KIND])))
-            else:
-                exp_id = exp.experiment_id
-                if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
-                    with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
+            exp = with_retries(get_or_create)  # the first call opens (and creates) the store
+            exp_id = exp.experiment_id
+            if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
+                with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
     except Exception as err:
         raise TrackingError(f"cannot open the MLflow store {mask_password(uri)}: "
                             f"{mask_password(str(err).splitlines()[0])}") from err
