@@ -15,6 +15,7 @@ and a worker may be interrupted and re-run. The rules that keep that consistent:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -164,7 +165,9 @@ class Ledger:
             log.warning("trial %d of %s: no heartbeat for %.0f s, its worker stopped; "
                         "failing it (not counted, it will be replaced)", t.number,
                         self.study.study_name, now - _last_sign_of_life(t))
-            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            # another worker, looking at the same moment, may have failed it first
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         if not stale:
             return trials
         if self.on_stale is not None:
