@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tarfile
@@ -33,6 +34,13 @@ def skip_or_fail(reason: str):
     if REQUIRE_REAL_PARTS:
         pytest.fail(f"{reason} (MLPLAB_REQUIRE_REAL_PARTS=1)")
     pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
