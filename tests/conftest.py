@@ -7,6 +7,9 @@ import hashlib
 import io
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -31,6 +34,13 @@ def skip_or_fail(reason: str):
     if REQUIRE_REAL_PARTS:
         pytest.fail(f"{reason} (MLPLAB_REQUIRE_REAL_PARTS=1)")
     pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
@@ -123,6 +133,31 @@ def cli_env(tmp_path, tiny_cifar) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return env | {"MLPLAB_CIFAR10_URL": url, "MLPLAB_CIFAR10_MD5": md5,
                   "MLPLAB_DATA": str(tmp_path / "data")}
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """start(overrides, name, env=None): `python train.py --multirun ...` as its own
+    process from tmp_path, output in NAME.log, sweep folder NAME/ (env: the whole
+    environment, default this one's); whatever still runs when the test ends is killed."""
+    procs = []
+
+    def start(overrides, name, env=None) -> tuple[subprocess.Popen, Path]:
+        path = tmp_path / f"{name}.log"
+        with open(path, "w") as log:  # the child keeps its own handle
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), "--multirun",
+                 f"hydra.sweep.dir={tmp_path / name}", *overrides],
+                cwd=tmp_path, env={**(os.environ if env is None else env),
+                                   "PYTHONUNBUFFERED": "1"},
+                stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1], path
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

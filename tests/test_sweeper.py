@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,6 @@ from mlplab import trainer
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import main
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = "c2f"
 
 
@@ -359,29 +356,6 @@ def test_a_trial_is_seeded_by_the_number_it_got_so_workers_asking_at_once_differ
 
 # --- real worker processes -------------------------------------------------------------
 
-@pytest.fixture
-def start_worker(tmp_path):
-    """start(overrides, name): `python train.py --multirun ...` as its own process,
-    output in NAME.log; whatever still runs when the test ends is killed."""
-    procs = []
-
-    def start(overrides, name) -> tuple[subprocess.Popen, Path]:
-        path = tmp_path / f"{name}.log"
-        with open(path, "w") as log:  # the child keeps its own handle
-            procs.append(subprocess.Popen(
-                [sys.executable, str(REPO / "train.py"), "--multirun",
-                 f"hydra.sweep.dir={tmp_path / name}", *overrides],
-                cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                stderr=subprocess.STDOUT))
-        return procs[-1], path
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
         tmp_path, tiny_cifar, tracking_uri, start_worker, storage):
@@ -431,3 +405,19 @@ def test_a_killed_workers_running_trial_goes_stale_and_a_rerun_replaces_it(
     counted = {t.number: t.value for t in _counted(stage)}
     assert len(counted) == 3 and all(counted[n] == v for n, v in kept.items())
     assert not math.isnan(sum(counted.values()))
+
+
+def test_the_submitit_launcher_runs_each_trial_in_a_process_of_its_own(
+        tmp_path, tiny_cifar, tracking_uri, start_worker):
+    proc, log = start_worker(_overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 2}]",
+        "hydra.sweeper.final=null", "hydra/launcher=submitit_local",
+        "hydra.sweeper.n_jobs=2"), "submitit")
+    assert proc.wait(timeout=240) == 0, log.read_text()
+    # submitit names each job's folder after the process it started for the job
+    jobs = {int(p.name) for p in (tmp_path / "submitit" / ".submitit").iterdir()
+            if p.name.isdigit()}
+    assert len(jobs) == 2 and proc.pid not in jobs
+    _, _, children = _parent_and_children(tracking_uri)
+    assert sorted((r.data.tags["trial"], r.info.status) for r in children) == \
+        [("0", "FINISHED"), ("1", "FINISHED")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import REPO, skip_or_fail
+from tests.conftest import REPO, free_port, skip_or_fail
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As root, in a sandbox with no internet: no sandbox, no background connections.
@@ -29,16 +28,10 @@ def _chromium():
         skip_or_fail("no Chromium on this machine (Debian: apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def mlflow_ui(tmp_path):
     """`mlflow ui` on the store in tmp_path, on 127.0.0.1; yields its address."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
          f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from mlplab.passwords import mask_password, unmask
+
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 SQLITE = "sqlite:///"
@@ -50,10 +52,11 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(uri: str | None = None) -> str:
-    """The tracking URI: given, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in
-    the folder the user ran from (absolute, so Hydra's output folders don't matter)."""
+    """The tracking URI: given (a masked password filled back in, see passwords.py),
+    else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the folder the user ran from
+    (absolute, so Hydra's output folders don't matter)."""
     if uri:
-        return uri
+        return unmask(uri)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -110,21 +113,24 @@ def open_experiment(uri: str, name: str):
     under the store's lock, so processes started together never race to create them."""
     from mlflow import MlflowClient
 
+    def get_or_create():  # a worker on another machine may create it meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                     tags=dict([EXPERIMENT_KIND]))
+            exp = client.get_experiment_by_name(name)
+        return exp
+
     try:
         with store_lock(uri):
             client = MlflowClient(uri)
-            exp = client.get_experiment_by_name(name)  # opens (and creates) the store
-            if exp is None:
-                exp_id = with_retries(lambda: client.create_experiment(
-                    name, artifact_location=artifact_location(uri, name),
-                    tags=dict([EXPERIMENT_KIND])))
-            else:
-                exp_id = exp.experiment_id
-                if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
-                    with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
+            exp = with_retries(get_or_create)  # the first call opens (and creates) the store
+            exp_id = exp.experiment_id
+            if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
+                with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
     except Exception as err:
-        raise TrackingError(f"cannot open the MLflow store {uri}: "
-                            f"{str(err).splitlines()[0]}") from err
+        raise TrackingError(f"cannot open the MLflow store {mask_password(uri)}: "
+                            f"{mask_password(str(err).splitlines()[0])}") from err
     return client, exp_id
 
 
@@ -144,7 +150,7 @@ def flatten(d, prefix="") -> dict[str, str]:
         if isinstance(value, dict):
             out |= flatten(value, f"{name}.")
         else:
-            out[name] = str(value)[:MAX_PARAM_LENGTH]
+            out[name] = mask_password(str(value))[:MAX_PARAM_LENGTH]
     return out
 
 
@@ -192,8 +198,9 @@ class Run:
         except TrackingError:
             raise
         except Exception as err:
-            raise TrackingError(f"{what} for run {self.run_id}: "
-                                f"{str(err).splitlines()[0] if str(err) else err!r}") from err
+            first = str(err).splitlines()[0] if str(err) else repr(err)
+            raise TrackingError(f"{what} for run {self.run_id}: {mask_password(first)}") \
+                from err
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -235,8 +242,8 @@ class Run:
         from mlflow.entities import RunTag
 
         with self._timed("setting tags"):
-            items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()
-                     if v is not None]
+            items = [RunTag(k, mask_password(str(v))[:MAX_TAG_LENGTH])
+                     for k, v in tags.items() if v is not None]
             with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_datasets(self, ds) -> None:
@@ -306,8 +313,8 @@ def open_run(*, uri: str, experiment: str, run_name: str | None = None,
         active = with_retries(lambda: mlflow.start_run(
             experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
     except Exception as err:
-        raise TrackingError(f"cannot start a run in {uri}: {str(err).splitlines()[0]}") \
-            from err
+        raise TrackingError(f"cannot start a run in {mask_password(uri)}: "
+                            f"{mask_password(str(err).splitlines()[0])}") from err
     return Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
 
 

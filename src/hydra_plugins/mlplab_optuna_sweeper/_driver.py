@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from hydra.core.override_parser.types import Transformer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from mlplab import tracking
@@ -42,6 +42,7 @@ from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
+from mlplab.passwords import mask_password
 
 from . import _space, _studies
 from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
 SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
+WORKER_LOST = "worker lost"  # the failure of a stale trial's run: its worker stopped
 
 
 class SweepFailed(RuntimeError):
@@ -143,7 +145,8 @@ class Sweep:
         parent = ParentRun(self.uri, self.config.tracking.experiment)
         parent.attach(sweep_study, created, name, _studies.describe_storage(s.storage))
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
-                 _studies.describe_storage(s.storage), self.worker, parent.run_id, self.uri)
+                 _studies.describe_storage(s.storage), self.worker, parent.run_id,
+                 mask_password(self.uri))
         parent.log_params({
             "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
             "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
@@ -174,6 +177,8 @@ class Sweep:
         for stage in stages:
             job = self.compose([*fixed, *stage.overrides,
                                 *(p.override(point[p.name]) for p in params)])
+            with open_dict(job):
+                del job["hydra"]  # the task's own config, as Hydra hands it to the job
             try:
                 validate_config(job)
             except ConfigError as err:
@@ -258,8 +263,8 @@ class Sweep:
                            **{f"{stage.study_suffix}.space.{k}": v for k, v in spans.items()}})
         log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
                  ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
-        ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_killed(
-            stage.label, [t.number for t in trials]))
+        ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_ended(
+            stage.label, [t.number for t in trials], "FAILED", failure=WORKER_LOST))
         said_waiting = False
         while True:
             counted = ledger.counted()
@@ -328,7 +333,7 @@ class Sweep:
             try:
                 # A launcher's workers may have been killed before closing their runs
                 # (joblib does on Ctrl-C): any run of this worker's still RUNNING is over.
-                parent.mark_killed(stage.label, sorted(
+                parent.mark_ended(stage.label, sorted(
                     {t.number for t in unfinished} | set(self.launched.get(stage.label, []))))
             except Exception as err:
                 log.warning("could not mark interrupted child runs KILLED: %s", err)
@@ -342,7 +347,8 @@ class Sweep:
     def _overrides(self, stage: Stage, trial, space: list[Param], fixed, parent) -> list[str]:
         return [*fixed, *stage.overrides,
                 *(p.override(trial.params[p.name]) for p in space),
-                f"tracking.uri={Transformer.str(self.uri)}",
+                # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
+                f"tracking.uri={Transformer.str(mask_password(self.uri))}",
                 f"tracking.parent_run_id={parent.run_id}",
                 "tracking.run_name="
                 + Transformer.str(run_name(stage.label, trial.number, trial.params)),

@@ -25,6 +25,7 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from mlplab import plots, tracking
+from mlplab.passwords import mask_password
 
 from ._space import Param
 
@@ -69,7 +70,7 @@ class ParentRun:
             run_id = sweep_study.user_attrs.get(PARENT_ATTR)  # read from the storage
         if run_id is not None and not self._exists(run_id):
             log.warning("parent run %s of study %s is gone from %s; starting a new one",
-                        run_id, study_name, self.uri)
+                        run_id, study_name, mask_password(self.uri))
             run_id = None
         if run_id is None:
             tags = {"mlplab.sweep": "true", "mlplab.study": study_name,
@@ -152,13 +153,18 @@ class ParentRun:
         if items:
             tracking.with_retries(lambda: self.client.log_batch(run_id, params=items))
 
-    def mark_killed(self, stage: str, numbers: list[int]) -> None:
-        """Child runs of interrupted trials still shown RUNNING end KILLED."""
+    def mark_ended(self, stage: str, numbers: list[int], status: str = "KILLED",
+                   failure: str | None = None) -> None:
+        """Child runs of interrupted trials still shown RUNNING end with `status`
+        (and a `failure` tag): their process is gone and cannot close them."""
         for number in numbers:
             for run in self.children(stage, number):
                 if run.info.status == "RUNNING":
+                    if failure:
+                        tracking.with_retries(lambda r=run: self.client.set_tag(
+                            r.info.run_id, "failure", failure))
                     tracking.with_retries(lambda r=run: self.client.set_terminated(
-                        r.info.run_id, "KILLED"))
+                        r.info.run_id, status))
 
     def test_accuracy(self, stage: str, number: int) -> float | None:
         """A finished trial's test accuracy, from its child run (complete in the store

@@ -15,6 +15,7 @@ and a worker may be interrupted and re-run. The rules that keep that consistent:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mlplab.config import ConfigError
+from mlplab.passwords import mask_password, unmask
 from mlplab.tracking import store_lock, with_retries
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ def worker_id() -> str:
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """None: in memory; journal:PATH: a journal file; anything else: an RDB URL."""
+    """None: in memory; journal:PATH: a journal file; anything else: an RDB URL (a
+    password masked in the config is filled back in)."""
     if url is None:
         return optuna.storages.InMemoryStorage()
     if url.startswith(JOURNAL_PREFIX):
@@ -57,6 +60,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     if "://" not in url:
         raise ConfigError(f"hydra.sweeper.storage={url!r}: allowed null, journal:PATH, or a "
                           "database URL such as sqlite:///optuna.db or postgresql://...")
+    url = unmask(url)
     kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}} \
         if url.startswith("sqlite") else {}
     # several workers may create the schema at once: one at a time on a local file
@@ -71,11 +75,7 @@ def describe_storage(url: str | None) -> str:
         return "in memory"
     if url.startswith(JOURNAL_PREFIX):
         return JOURNAL_PREFIX + str(Path(url[len(JOURNAL_PREFIX):]).expanduser().resolve())
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
+    return mask_password(url)
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -165,7 +165,9 @@ class Ledger:
             log.warning("trial %d of %s: no heartbeat for %.0f s, its worker stopped; "
                         "failing it (not counted, it will be replaced)", t.number,
                         self.study.study_name, now - _last_sign_of_life(t))
-            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            # another worker, looking at the same moment, may have failed it first
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         if not stale:
             return trials
         if self.on_stale is not None:

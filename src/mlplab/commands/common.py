@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mlplab import config
+from mlplab import config, passwords
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # ships inside the package
 config.register()  # the schemas conf/ builds on, before any command composes it
@@ -48,6 +49,19 @@ def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, 
     command line, plus the config's own `tags`."""
     return {"mlplab.summary": summary, "data_fingerprint": data_fingerprint,
             "hydra_overrides": hydra_overrides(), **cfg.tags}
+
+
+class HidePasswords(Callback):
+    """conf/config.yaml's `hydra.callbacks`: a password in a URL is masked in the config
+    of a run or a multirun before Hydra saves it (see mlplab.passwords). A multirun's
+    sweeper is made from the masked config, and its jobs composed from the masked
+    overrides."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        passwords.hide_passwords(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        passwords.hide_passwords(config)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, experiment, gradcheck, network, tracking
+from mlplab import config, experiment, gradcheck, network, passwords, tracking
 from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
 from mlplab.config import ConfigError
 from mlplab.data import DataError
@@ -202,7 +202,7 @@ def main(cfg: DictConfig) -> bool:
     print(format_result(outcome.rows, outcome.summary, cfg))
     print(f"\n{outcome.seconds:.1f} s; recorded as run {outcome.run_id} (experiment "
           f"{cfg.tracking.experiment!r}): mlflow ui --backend-store-uri "
-          f"{outcome.tracking_uri}")
+          f"{passwords.mask_password(outcome.tracking_uri)}")
     if not outcome.passed:
         if in_multirun():
             raise GradcheckFailed(outcome.summary)

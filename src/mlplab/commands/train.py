@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import data, experiment, network, tracking, trainer
+from mlplab import data, experiment, network, passwords, tracking, trainer
 from mlplab.commands.common import (
     CONF_DIR,
     exit_with,
@@ -72,9 +72,10 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         return Outcome(result.final, None, None, _seconds(result, 0.0, t_start))
 
     uri = tracking.resolve_uri(t_cfg.uri)
+    # the config's tags from the start: a sweep finds a killed trial's run by them
     with tracking.run(uri=uri, experiment=t_cfg.experiment,
                       run_name=t_cfg.run_name or experiment.run_name(cfg, net),
-                      parent_run_id=t_cfg.parent_run_id) as run:
+                      tags=dict(cfg.tags), parent_run_id=t_cfg.parent_run_id) as run:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint))
@@ -146,8 +147,9 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     )
     if outcome.run_id:
         if not outcome.tracking_uri.startswith(("http://", "https://")):
-            print(f"  browse    mlflow ui --backend-store-uri {outcome.tracking_uri}")
-        print(f"  runs      {outcome.runs_page}")
+            print("  browse    mlflow ui --backend-store-uri "
+                  + passwords.mask_password(outcome.tracking_uri))
+        print(f"  runs      {passwords.mask_password(outcome.runs_page)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
