@@ -27,9 +27,11 @@ def run_cli(tmp_path, cli_env):
 
 
 def _runs(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exps = client.search_experiments()
-    return client.search_runs([e.experiment_id for e in exps])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.store_lock(uri):  # as mlplab's processes: not while one creates the store
+        client = MlflowClient(uri)
+        exps = client.search_experiments()
+        return client.search_runs([e.experiment_id for e in exps])
 
 
 def test_train_py_records_in_mlflow_db_where_the_user_runs_it(run_cli, tmp_path):
