@@ -298,11 +298,14 @@ class Run:
                     with_retries(lambda: self.client.set_terminated(self.run_id, status))
 
 
-def open_run(*, uri: str, experiment: str, run_name: str | None = None,
-             tags: dict[str, str | None] | None = None,
-             parent_run_id: str | None = None) -> Run:
-    """Start a run and make it MLflow's active run (MLflow's model and dataset logging
-    attach to that). Raises TrackingError if the store cannot be used."""
+@contextlib.contextmanager
+def run(*, uri: str, experiment: str, run_name: str | None = None,
+        tags: dict[str, str | None] | None = None,
+        parent_run_id: str | None = None) -> Iterator[Run]:
+    """A run, MLflow's active one (its model and dataset logging attach to that), that
+    ends FINISHED, KILLED on Ctrl-C, or FAILED with a `failure` tag on any other
+    exception (raised on). TrackingError if the store cannot be used; a store that
+    fails while closing after an error is only reported: the first error is raised."""
     t0 = time.perf_counter()
     client, exp_id = open_experiment(uri, experiment)
     import mlflow
@@ -315,25 +318,13 @@ def open_run(*, uri: str, experiment: str, run_name: str | None = None,
     except Exception as err:
         raise TrackingError(f"cannot start a run in {mask_password(uri)}: "
                             f"{mask_password(str(err).splitlines()[0])}") from err
-    return Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def run(*, uri: str, experiment: str, run_name: str | None = None,
-        tags: dict[str, str | None] | None = None,
-        parent_run_id: str | None = None) -> Iterator[Run]:
-    """An open run that ends FINISHED, KILLED on Ctrl-C, or FAILED with a `failure`
-    tag on any other exception (which is raised on). A store that fails while the run
-    is being closed after an error is only reported: the first error is the one raised."""
-    opened = open_run(uri=uri, experiment=experiment, run_name=run_name, tags=tags,
-                      parent_run_id=parent_run_id)
+    opened = Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
     try:
         yield opened
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        failure = None if status == "KILLED" else failure_of(err)
         try:
-            opened.end(status, failure)
+            opened.end(status, None if status == "KILLED" else failure_of(err))
         except TrackingError as end_err:
             print(f"mlplab: run {opened.run_id} could not be closed {status}: {end_err}",
                   file=sys.stderr)
