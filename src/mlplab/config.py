@@ -207,8 +207,6 @@ def _keys(node: DictConfig, prefix: str = ""):
         return
     known = {f.name for f in dataclasses.fields(schema)}
     for key in node:
-        if not prefix and key == "hydra":
-            continue  # Hydra's own, which Hydra checks
         yield f"{prefix}{key}", key in known
         child = node._get_node(key)
         if key in known and isinstance(child, DictConfig):
