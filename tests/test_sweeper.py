@@ -19,6 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _space
+from hydra_plugins.mlplab_optuna_sweeper._records import Candidate, choose
 from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
 from mlplab import trainer
 from mlplab.commands.common import CONF_DIR
@@ -126,8 +127,22 @@ def _studies(tmp_path, storage="journal"):
 
 
 def _counted(study):
-    return [t for t in study.trials if t.state == TrialState.COMPLETE
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             or (t.state == TrialState.FAIL and "failure" in t.user_attrs)]
+
+
+def _raise_at_call(monkeypatch, n: int, error: BaseException) -> None:
+    """Make the n-th training of this test raise `error` (Ctrl-C, a crash); the
+    others train for real."""
+    real_train, calls = trainer.train, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", train)
 
 
 def _parent_and_children(tracking_uri):
@@ -171,11 +186,13 @@ def test_stage_two_searches_the_span_of_stage_ones_best_and_mlflow_nests_every_t
     assert final_run.data.params["data.n_val"] == "20"  # the final overrides reached it
     assert parent.data.metrics["final_test_acc"] == final_run.data.metrics["test_acc"]
     assert parent.data.metrics["best_lam"] == best.params["lam"]
+    assert parent.data.tags["best.lam"] == str(best.params["lam"])  # the sweep's answer
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "accuracy_vs_lam_stage0.png", "accuracy_vs_lam_stage1.png"} <= artifacts
     with open(client.download_artifacts(parent.info.run_id, "trials.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["stage", "number", "state", "value", "lam"]
+    assert list(rows[0]) == ["stage", "number", "state", "value", "test_acc", "pruned_at",
+                             "lam", "train.seed"]
     assert [r["stage"] for r in rows] == ["0"] * 5 + ["1"] * 3 + ["final"]
 
 
@@ -209,15 +226,8 @@ def test_a_rerun_after_ctrl_c_keeps_finished_trials_and_only_runs_the_rest(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri):
     overrides = _overrides(tmp_path, tiny_cifar, tracking_uri,
                            "hydra.sweeper.stages=[{n_trials: 4}]", "hydra.sweeper.final=null")
-    real_train, calls = trainer.train, []
-
-    def interrupted_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train", interrupted_third)
+    real_train = trainer.train
+    _raise_at_call(monkeypatch, 3, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         _sweep(monkeypatch, tmp_path, overrides)
     before = {t.number: (t.params, t.value) for t in _counted(_studies(tmp_path)["stage0"])}
@@ -239,6 +249,141 @@ def test_a_rerun_after_ctrl_c_keeps_finished_trials_and_only_runs_the_rest(
     finished = sorted(int(r.data.tags["trial"]) for r in children
                       if r.info.status == "FINISHED")
     assert finished == sorted(after), "one finished run per counted trial, none twice"
+
+
+# --- pruning and the final step ---------------------------------------------------------
+
+def _child_runs(tracking_uri, stage="0"):
+    _, parent, children = _parent_and_children(tracking_uri)
+    return parent, {int(r.data.tags["trial"]): r for r in children
+                    if r.data.tags["stage"] == stage}
+
+
+def test_a_pruner_stops_trials_whose_curve_is_clearly_worse_also_after_a_resume(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    # eta_max=1e-7 cannot learn: its curve stays where it starts, under the good trials'
+    # (all alike: same seed, lam pinned). The first run is interrupted at its 4th trial.
+    good, bad = 0.1, 1e-7
+    overrides = _overrides(
+        tmp_path, tiny_cifar, tracking_uri, f"schedule.eta_max=choice({good}, {bad})",
+        "schedule.eta_min=1e-9", "lam=0.001", "hydra.sweeper.stages=[{n_trials: 8}]",
+        "hydra.sweeper.final=null",
+        "hydra.sweeper.pruner=median", "hydra.sweeper.pruning.n_startup_trials=1")
+    real_train = trainer.train
+    _raise_at_call(monkeypatch, 4, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(monkeypatch, tmp_path, overrides)
+    before = {t.number: t.state for t in _counted(_studies(tmp_path)["stage0"])}
+    assert len(before) == 3
+    monkeypatch.setattr(trainer, "train", real_train)
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="resumed")
+
+    stage = _studies(tmp_path)["stage0"]
+    counted = _counted(stage)
+    assert len(counted) == 8, "pruned trials count towards the budget"
+    assert {t.number: t.state for t in counted if t.number in before} == before, \
+        "a resume keeps the pruned trials as they were"
+    first_good = min(t.number for t in counted if t.params["schedule.eta_max"] == good)
+    for t in counted:
+        if t.params["schedule.eta_max"] == good:
+            assert t.state == TrialState.COMPLETE, "a trial as good as the rest runs on"
+        elif t.number > first_good:  # in both runs: the storage holds the curves
+            assert t.state == TrialState.PRUNED, f"trial {t.number} was not pruned"
+    pruned = [t for t in counted if t.state == TrialState.PRUNED]
+    assert any(t.number > max(before) for t in pruned), "the resumed run prunes too"
+
+    parent, runs = _child_runs(tracking_uri)
+    client = MlflowClient(tracking_uri)
+
+    def steps(run):
+        return [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+
+    full_steps = max(steps(runs[first_good]))
+    for t in pruned:
+        run = runs[t.number]
+        assert run.info.status == "FINISHED" and run.info.run_name.endswith(" PRUNED")
+        assert run.data.tags["pruned"] == str(t.user_attrs["pruned_at"]) == str(max(steps(run)))
+        assert max(steps(run)) < full_steps, "stopped early, its curve kept up to there"
+    assert parent.data.metrics["n_pruned"] == len(pruned)
+    with open(client.download_artifacts(parent.info.run_id, "trials.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["number"]) for r in rows if r["state"] == "PRUNED") == \
+        sorted(t.number for t in pruned)
+    assert all(r["pruned_at"] for r in rows if r["state"] == "PRUNED")
+
+
+def test_a_bad_pruner_setting_is_refused_before_anything_is_recorded(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    for bad, message in [("hydra.sweeper.pruner=halving", "hydra.sweeper.pruner='halving': "
+                          "allowed ['none', 'median', 'successive_halving', 'hyperband']"),
+                         ("hydra.sweeper.pruner=hyperband "
+                          "hydra.sweeper.pruning.reduction_factor=1",
+                          "hydra.sweeper.pruning.reduction_factor=1: allowed an int >= 2")]:
+        with pytest.raises(SystemExit) as exit_:
+            _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
+                                                     *bad.split()))
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert _no_runs(tracking_uri) and not (tmp_path / "optuna.log").exists()
+
+
+def test_the_final_step_chooses_the_best_mean_over_seeds_not_the_best_single_run():
+    lucky = Candidate({"lam": 1e-3}, val=[0.60, 0.50], test=[0.58, 0.49])
+    steady = Candidate({"lam": 4e-3}, val=[0.57, 0.56], test=[0.55, 0.56])
+    assert choose([lucky, steady], maximize=True) is steady
+    assert choose([lucky, steady], maximize=False) is lucky
+    assert choose([Candidate({"lam": 1.0}, [], [])], maximize=True) is None
+
+
+def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_means(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 3}]",
+        "hydra.sweeper.final.top_m=2", "hydra.sweeper.final.seeds=2"))
+    studies = _studies(tmp_path)
+    top = sorted(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
+                 key=lambda t: (-t.value, t.number))[:2]
+    final = studies["final"].get_trials(states=[TrialState.COMPLETE])
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
+        sorted((t.params["lam"], seed) for t in top for seed in (0, 1))
+    means = {lam: [t for t in final if t.params["lam"] == lam]
+             for lam in (t.params["lam"] for t in top)}
+    chosen = max(means, key=lambda lam: sum(t.value for t in means[lam]))
+    runs = means[chosen]
+
+    client, parent, children = _parent_and_children(tracking_uri)
+    m = parent.data.metrics
+    assert m["final_val_acc"] == pytest.approx(sum(t.value for t in runs) / 2)
+    assert m["final_test_acc"] == pytest.approx(
+        sum(t.user_attrs["test_acc"] for t in runs) / 2)
+    assert m["final_seeds"] == 2 and "final_test_acc_sd" in m and "final_val_acc_sd" in m
+    assert parent.data.tags["best.lam"] == str(chosen)
+    history = client.get_metric_history(parent.info.run_id, "candidate_val_acc")
+    assert sorted(h.step for h in history) == [0, 1]
+    finals = [r for r in children if r.data.tags["stage"] == "final"]
+    assert sorted(r.data.params["train.seed"] for r in finals) == ["0", "0", "1", "1"]
+
+
+def test_a_rerun_retries_a_final_retrain_that_failed_and_nothing_else(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri,
+                           "hydra.sweeper.stages=[{n_trials: 2}]")
+    real_train = trainer.train
+    _raise_at_call(monkeypatch, 3, MemoryError("the machine ran out of memory"))
+    with pytest.raises(SystemExit) as exit_:
+        _sweep(monkeypatch, tmp_path, overrides)
+    assert exit_.value.code == 1 and "stage final: none of its 1 trials" in \
+        capsys.readouterr().err
+    [failed] = _studies(tmp_path)["final"].trials
+    assert failed.state == TrialState.FAIL and "MemoryError" in failed.user_attrs["failure"]
+
+    monkeypatch.setattr(trainer, "train", real_train)
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="rerun")
+    studies = _studies(tmp_path)
+    assert [t.state for t in studies["final"].trials] == [TrialState.FAIL,
+                                                           TrialState.COMPLETE]
+    assert len(studies["stage0"].trials) == 2, "the searched stage is not run again"
+    _, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED" and "final_test_acc" in parent.data.metrics
 
 
 def _no_runs(tracking_uri) -> bool:
@@ -373,6 +518,9 @@ def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
     assert {k: len(_counted(studies[k])) for k in budgets} == budgets
     workers_seen = {t.user_attrs["worker"] for s in budgets for t in _counted(studies[s])}
     assert len(workers_seen) == 2, "both workers ran trials"
+    assert all("dropped" in t.user_attrs for s in budgets for t in studies[s].trials
+               if t.state == TrialState.FAIL and "failure" not in t.user_attrs), \
+        "a trial that does not count says why"
     _, parent, children = _parent_and_children(tracking_uri)
     done = sorted((r.data.tags["stage"], int(r.data.tags["trial"])) for r in children
                   if r.info.status == "FINISHED")

@@ -137,6 +137,16 @@ class TrackingConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set by mlplab's sweeper on the jobs of a search that prunes: where the job
+    reports its validation accuracy (the Optuna storage, study and trial number)."""
+
+    storage: str | None = None
+    study: str | None = None
+    number: int | None = None
+
+
+@dataclass
 class GradcheckConfig:
     d: int = 20  # first d input dimensions
     n: int = 10  # first n training samples
@@ -159,6 +169,7 @@ class Config:
     augment: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     bn: bool = False
     lam: float = 0.0

@@ -6,8 +6,9 @@ reads when a URL has none. A password given in a URL anyway
 in the config before Hydra writes anything (`.hydra/*.yaml`, `multirun.yaml`, the
 jobs' overrides; see commands.common.HidePasswords), so MLflow params, tags and logs
 see it masked too. The masked config still works: `unmask` gives the real value back,
-from this process's memory, or for the tracking URI from $MLFLOW_TRACKING_URI, where
-it is put for a sweep's jobs to inherit (in this process or one a launcher starts).
+from this process's memory, or for the tracking URI and a sweep's Optuna storage from
+$MLFLOW_TRACKING_URI and $MLPLAB_OPTUNA_STORAGE, where they are put for a sweep's jobs
+to inherit (in this process or one a launcher starts).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import re
 
 MASK = "***"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+STORAGE_ENV = "MLPLAB_OPTUNA_STORAGE"  # a pruning sweep's jobs report to it
+ENV_OF_KEY = {"tracking.uri": TRACKING_ENV, "hydra.sweeper.storage": STORAGE_ENV}
 # scheme://user:PASSWORD@ -- the user part has no '/', ':' or '@', the password no '@'
 _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]+@")
 
@@ -33,8 +36,11 @@ def unmask(value: str) -> str:
     """The real value behind a masked one (itself if it hides nothing known)."""
     if value in _real:
         return _real[value]
-    env = os.environ.get(TRACKING_ENV)
-    return env if env and value != env and mask_password(env) == value else value
+    for name in ENV_OF_KEY.values():
+        env = os.environ.get(name)
+        if env and value != env and mask_password(env) == value:
+            return env
+    return value
 
 
 def hide_passwords(cfg) -> None:
@@ -54,7 +60,8 @@ def hide_passwords(cfg) -> None:
                 with read_write(node):
                     node[key] = mask_password(value)
 
-    uri = OmegaConf.select(cfg, "tracking.uri", default=None)
-    if isinstance(uri, str) and mask_password(uri) != uri:
-        os.environ[TRACKING_ENV] = uri
+    for key, env in ENV_OF_KEY.items():
+        url = OmegaConf.select(cfg, key, default=None)
+        if isinstance(url, str) and mask_password(url) != url:
+            os.environ[env] = url
     mask(cfg)

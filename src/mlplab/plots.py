@@ -161,13 +161,17 @@ SPAN_PAD = 0.05  # share of a search stage's span left blank at each side
 def plot_search_stage(points: list[tuple[float, float]], best: list[tuple[float, float]],
                       failed: list[float], path, *, param: str, span: tuple[float, float],
                       log_x: bool, ylabel: str = "validation accuracy",
-                      title: str = "") -> None:
+                      title: str = "", pruned: list[tuple[float, float]] = ()) -> None:
     """points: (parameter value, objective) of the completed trials; `best` (a subset)
-    is ringed; `failed` parameter values are crosses on the bottom edge, so a region
-    that diverges shows up. The x axis is the stage's searched `span`."""
+    is ringed; `pruned`: (value, objective when stopped) of pruned trials, hollow;
+    `failed` parameter values are crosses on the bottom edge, so a region that
+    diverges shows up. The x axis is the stage's searched `span`."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if points:
         ax.plot(*zip(*sorted(points), strict=True), "o", color="C0", label="trial")
+    if pruned:
+        ax.plot(*zip(*sorted(pruned), strict=True), "o", markerfacecolor="none",
+                color="C7", label="pruned (when stopped)")
     if best:
         ax.plot(*zip(*best, strict=True), "o", markersize=13, markerfacecolor="none",
                 markeredgecolor="C3", markeredgewidth=2, label=f"best {len(best)}")

@@ -4,8 +4,9 @@ Plain code: shuffle every epoch, walk the batches (augmented, if asked), take a 
 of the optimiser (plain SGD by default) at the rate the schedule gives, and at each
 evaluation point measure loss, cost and accuracy on the training and validation
 splits. `on_eval` receives each record as it is made (the app uses it to log to
-MLflow), `on_progress` the step every PROGRESS_EVERY steps (the app checks its
-tracking there); nothing here knows about tracking.
+MLflow) and may stop training there by returning True (a sweep prunes a hopeless
+trial so), `on_progress` the step every PROGRESS_EVERY steps (the app checks its
+tracking there); nothing here knows about tracking or sweeps.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Result:
     eval_seconds: float = 0.0
     steps: int = 0
     extra: dict = field(default_factory=dict)
+    stopped: bool = False  # on_eval ended training before the schedule did
 
 
 PLAIN_SGD = optim.SGD()
@@ -87,7 +89,7 @@ def check_options(*, lam: float, evals_per_cycle: int = 10,
 def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
           rng=None, evals_per_cycle: int = 10, optimizer=None, augment=None,
           label_smoothing: float = 0.0,
-          on_eval: Callable[[dict], None] | None = None,
+          on_eval: Callable[[dict], bool | None] | None = None,
           on_progress: Callable[[int], None] | None = None, progress: bool = True) -> Result:
     """Train `net` in place on `data` with `schedule` (see mlplab.schedules).
 
@@ -102,6 +104,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     draw the dropout masks and the augmentations, so switching either on changes
     neither the shuffles nor the other's draws. Same seed, same numbers.
     Raises Diverged as soon as a batch loss or an evaluated cost is not finite.
+    When `on_eval` returns True, training ends after that evaluation: the result's
+    final accuracies are of that point (test included) and `stopped` is True.
     """
     rng = np.random.default_rng(rng)
     X, y = data.X_train, data.y_train
@@ -121,7 +125,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     history: list[dict[str, float]] = []
     t_train = t_eval = 0.0
 
-    def evaluate_at(step: int):
+    def evaluate_at(step: int) -> bool:
+        """Evaluate; True if on_eval asks to stop."""
         nonlocal t_eval
         t0 = time.perf_counter()
         rec = {"step": step, "epoch": step / per_epoch,
@@ -131,19 +136,19 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
         if not math.isfinite(rec["train_cost"]):
             raise Diverged(step, rec["train_cost"])
         history.append(rec)
-        if on_eval:
-            on_eval(rec)
+        return bool(on_eval and on_eval(rec))
 
     bar = _progress_bar(total, progress)
     next_eval = iter(checkpoints)
     due = next(next_eval)
     step = 0
+    stopped = False
     try:
         while True:
             if step == due:
-                evaluate_at(step)
+                stopped = evaluate_at(step)
                 due = next(next_eval, None)
-            if step == total:
+            if step == total or stopped:
                 break
             t0 = time.perf_counter()
             order = rng.permutation(n)
@@ -163,9 +168,11 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
                         on_progress(step)
                 if step == due:
                     t_train += time.perf_counter() - t0
-                    evaluate_at(step)
+                    stopped = evaluate_at(step)
                     due = next(next_eval, None)
                     t0 = time.perf_counter()
+                    if stopped:
+                        break
             t_train += time.perf_counter() - t0
     finally:
         if bar is not None:
@@ -173,7 +180,7 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     # The last evaluation point is the end of training: only the test split is new.
     final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
     final |= evaluate_splits(net, data, lam, ("test",))
-    return Result(history, final, t_train, t_eval, step)
+    return Result(history, final, t_train, t_eval, step, stopped=stopped)
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -2,7 +2,8 @@
 
     stage 0:  n trials sampled from the space             (study NAME.stage0)
     stage i:  log intervals narrowed to the best top_k of stage i-1, its own overrides
-    final:    the best trial of the last stage, retrained with the final overrides
+    final:    the best top_m trials of the last stage, retrained with the final
+              overrides and `seeds` seeds each; the best mean validation accuracy wins
     summary:  trials.csv, plots, best values on the MLflow parent run
 
 Each stage is its own Optuna study (its objective differs: more cycles, other data),
@@ -10,7 +11,11 @@ all in one storage; the study NAME itself only holds the sweep's parent run id. 
 stage ends when its budget is counted and no trial of it is still running anywhere,
 so every worker narrows from the same trials. Trials run in batches of `n_jobs`
 through Hydra's launcher; a failed or diverged trial is told FAIL and the sweep
-goes on. Counting, liveness and budgets: see `_studies`.
+goes on. With a pruner, a job reports its validation accuracy to its trial as it
+trains and stops when the pruner says so (see `_pruning`); the job's Outcome says
+so, and the trial is told PRUNED. Counting, liveness and budgets: see `_studies`.
+The final step is not sampled: each (candidate, seed) is a slot, run until a trial
+of it completes or fails in this run (a re-run retries a failed one).
 
 Failing early, as a single run does (ConfigError/DataError: the message names the key):
 - before anything is recorded, each stage's first job is composed and validated;
@@ -20,7 +25,8 @@ Failing early, as a single run does (ConfigError/DataError: the message names th
 - a stage with no complete trial fails the sweep (SweepFailed): nothing to go on from.
 
 Resuming (the same study_name and storage) requires the same search: direction,
-space, top_k, margin, the stages and their overrides, as stored on the study NAME.
+space, top_k, margin, pruner, the stages and their overrides, as stored on the study
+NAME.
 A stage's n_trials may grow (its finished trials still count) until the next stage
 has started from it; it may not shrink. Other overrides are not compared (paths
 differ between machines): keep them as they were.
@@ -32,6 +38,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -44,10 +51,18 @@ from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
 
-from . import _space, _studies
-from ._records import FINAL, MAX_TAG_LENGTH, TEST_ACC, ParentRun, StageRecord, run_name
+from . import _pruning, _space, _studies
+from ._records import (
+    FINAL,
+    MAX_TAG_LENGTH,
+    PRUNED_AT,
+    TEST_ACC,
+    ParentRun,
+    StageRecord,
+    run_name,
+)
 from ._space import Param
-from ._studies import FAILURE, WORKER, Heartbeat, Ledger
+from ._studies import DROPPED, FAILURE, WORKER, Heartbeat, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +98,8 @@ def plan(s: DictConfig) -> list[Stage]:
             raise ConfigError(f"hydra.sweeper.stages[{i}].n_trials={n}: must be >= 1")
         out.append(Stage(str(i), i, n, list(st.overrides)))
     if s.final is not None:
-        out.append(Stage(FINAL, len(stages), 1, list(s.final.overrides)))
+        out.append(Stage(FINAL, len(stages), s.final.top_m * s.final.seeds,
+                         list(s.final.overrides)))
     return out
 
 
@@ -101,7 +117,11 @@ def check(s: DictConfig) -> None:
     require(s.stale_seconds > s.heartbeat_seconds,
             f"stale_seconds={s.stale_seconds}: must exceed heartbeat_seconds="
             f"{s.heartbeat_seconds}, or live trials would look stale")
+    if s.final is not None:
+        require(s.final.top_m >= 1, f"final.top_m={s.final.top_m}: must be >= 1")
+        require(s.final.seeds >= 1, f"final.seeds={s.final.seeds}: must be >= 1")
     _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
+    _pruning.describe(s.pruner, s.pruning)
 
 
 def names_searched(err: Exception, params: list[Param]) -> bool:
@@ -113,8 +133,24 @@ def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> 
     """What a resumed study must share with the run that started it (JSON for Optuna)."""
     return {"direction": s.direction, "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
+            "pruner": _pruning.describe(s.pruner, s.pruning),
             "stages": [{"stage": st.label, "n_trials": st.n_trials,
                         "overrides": st.overrides} for st in stages]}
+
+
+@dataclass
+class StageRun:
+    """A stage as this worker runs it: what each batch of its trials needs."""
+
+    stage: Stage
+    study: object  # optuna.Study
+    ledger: Ledger
+    fixed: list[str]  # the sweep's overrides that are not searched
+    parent: ParentRun
+    heartbeat: Heartbeat
+    storage: str | None  # where the jobs report to (None: they don't; no pruner)
+    study_name: str
+    said_waiting: bool = False
 
 
 class Sweep:
@@ -124,6 +160,7 @@ class Sweep:
         self.s, self.config, self.launcher = settings, config, launcher
         self.compose = compose
         self.maximize = settings.direction == "maximize"
+        self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
         self.job_idx = 0
         self.launched: dict[str, list[int]] = {}  # stage -> trial numbers run by this worker
@@ -137,27 +174,40 @@ class Sweep:
                               "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
         stages = plan(s)
         self._check_config(stages, params, fixed)
-        storage = _studies.open_storage(s.storage)
+        storage_url = self._storage_url()
+        storage = _studies.open_storage(storage_url)
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
         sweep_study, created = _studies.open_study(storage, name, s.direction)
         self._check_resume(sweep_study, storage, name, search_settings(s, params, stages))
         self.uri = tracking.resolve_uri(self.config.tracking.uri)
         parent = ParentRun(self.uri, self.config.tracking.experiment)
-        parent.attach(sweep_study, created, name, _studies.describe_storage(s.storage))
+        parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url))
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
-                 _studies.describe_storage(s.storage), self.worker, parent.run_id,
+                 _studies.describe_storage(storage_url), self.worker, parent.run_id,
                  mask_password(self.uri))
         parent.log_params({
             "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
             "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
+            "pruner": " ".join(f"{k}={v}" for k, v in self.pruner.items()),
             "fixed_overrides": " ".join(fixed),
+            **({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds}
+               if s.final is not None else {}),
             **{f"space.{p.name}": _space.describe(p) for p in params},
             **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
         status, records = "FAILED", []
         try:
             with terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
-                self._run_stages(stages, params, fixed, storage, name, parent, heartbeat,
-                                 records)
+                for stage in stages:
+                    ctx = self._open_stage(stage, storage, storage_url, name, fixed, parent,
+                                           heartbeat)
+                    record = self._run_final(ctx, params, records[-1]) \
+                        if stage.label == FINAL else self._run_stage(ctx, params, records)
+                    records.append(record)
+                    if not record.complete():
+                        raise SweepFailed(
+                            f"stage {stage.label}: none of its {len(record.trials)} trials "
+                            "completed (failures: see the log and the trials' runs in "
+                            "MLflow)")
             parent.write_summary(records, s.top_k, self.maximize)
             status = "FINISHED"
         except SweepFailed:
@@ -169,6 +219,14 @@ class Sweep:
         finally:
             parent.set_status(status)
         return records
+
+    def _storage_url(self) -> str | None:
+        """The configured storage; with a pruner and none configured, a journal file in
+        the sweep's folder: the jobs, maybe in other processes, report to it."""
+        if self.s.storage is not None or self.pruner["name"] == "none":
+            return self.s.storage
+        return _studies.JOURNAL_PREFIX + str(Path(self.config.hydra.sweep.dir)
+                                             / "optuna-journal.log")
 
     def _check_config(self, stages: list[Stage], params: list[Param], fixed) -> None:
         """Compose each stage's first job at a point of the space and validate it as a
@@ -193,6 +251,7 @@ class Sweep:
         if stored is None:  # a new study (or one from before settings were stored)
             sweep_study.set_user_attr(SETTINGS, wanted)
             return
+        stored = {"pruner": {"name": "none"}, **stored}  # from before pruning existed
         diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items()
                  if k != "stages" and stored.get(k) != v]
         old, new = stored.get("stages", []), wanted["stages"]
@@ -205,6 +264,8 @@ class Sweep:
             if was["overrides"] != now["overrides"]:
                 diffs.append(f"stage {label} overrides {was['overrides']} -> "
                              f"{now['overrides']}")
+            if label == FINAL:  # retrains are slots, not a budget: top_m, seeds may change
+                continue
             if now["n_trials"] < was["n_trials"]:
                 diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
                              f"{now['n_trials']} (a budget may grow, not shrink)")
@@ -223,162 +284,240 @@ class Sweep:
         if stored != wanted:  # a grown budget: the next resume compares with it
             sweep_study.set_user_attr(SETTINGS, wanted)
 
-    def _run_stages(self, stages, params, fixed, storage, name, parent, heartbeat,
-                    records: list[StageRecord]) -> None:
-        """Run the stages, appending each one's record to `records`."""
-        space = params
-        for stage in stages:
-            if stage.label == FINAL:
-                space = _space.pinned(params, records[-1].top(1, self.maximize)[0].params)
-            elif records:
-                top = records[-1].top(self.s.top_k, self.maximize)
-                space = _space.narrow(space, [t.params for t in top], self.s.margin)
-            record = self._run_stage(stage, space, fixed, storage, name, parent, heartbeat)
-            records.append(record)
-            if not record.complete():
-                raise SweepFailed(
-                    f"stage {stage.label}: none of its {len(record.trials)} trials "
-                    "completed (failures: see the log and the trials' runs in MLflow)")
-
-    def _run_stage(self, stage: Stage, space: list[Param], fixed, storage, name, parent,
-                   heartbeat) -> StageRecord:
+    def _open_stage(self, stage: Stage, storage, storage_url, name: str, fixed, parent,
+                    heartbeat) -> StageRun:
         s = self.s
-        study, created = _studies.open_study(storage, f"{name}.{stage.study_suffix}",
-                                             s.direction)
+        study_name = f"{name}.{stage.study_suffix}"
+        study, _ = _studies.open_study(storage, study_name, s.direction)
         study.sampler = _studies.make_sampler(s.sampler, None) if s.seed is None else \
             _studies.SeededPerTrial(s.sampler, lambda n: self._seed(stage, n))
-        spans = {p.name: _space.describe(p) for p in space}
-        if created:
-            study.set_user_attr("space", spans)
-            study.set_user_attr("overrides", stage.overrides)
-        else:  # same settings narrow to the same space; a study from older code checks here
-            for key, now in (("space", spans), ("overrides", stage.overrides)):
-                was = study.user_attrs.get(key, now)
-                if was != now:
-                    raise ConfigError(
-                        f"hydra.sweeper.study_name={name!r}: stage {stage.label} was "
-                        f"started with {key} {was}, this run's is {now}; resuming would "
-                        "mix them. Start a fresh search: hydra.sweeper.study_name=NEW_NAME")
-        parent.log_params({f"{stage.study_suffix}.n_trials": stage.n_trials,
-                           **{f"{stage.study_suffix}.space.{k}": v for k, v in spans.items()}})
-        log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
-                 ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
+        prunes = stage.label != FINAL and self.pruner["name"] != "none"
+        if prunes:  # for the jobs' pruner; Hyperband's brackets also steer the sampler
+            study.set_user_attr(_pruning.PRUNER_ATTR, self.pruner)
+            study.pruner = _pruning.make_pruner(self.pruner)
         ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_ended(
             stage.label, [t.number for t in trials], "FAILED", failure=WORKER_LOST))
-        said_waiting = False
+        return StageRun(stage, study, ledger, fixed, parent, heartbeat,
+                        storage_url if prunes else None, study_name)
+
+    def _check_space(self, ctx: StageRun, spans: dict) -> None:
+        """Record the stage's space and overrides, or check a resumed stage's: the same
+        settings narrow to the same space; a study from older code checks here."""
+        stage, study = ctx.stage, ctx.study
+        for key, now in (("space", spans), ("overrides", stage.overrides)):
+            was = study.user_attrs.get(key)
+            if was is None:
+                study.set_user_attr(key, now)
+            elif was != now:
+                raise ConfigError(
+                    f"hydra.sweeper.study_name={ctx.study_name.rsplit('.', 1)[0]!r}: stage "
+                    f"{stage.label} was started with {key} {was}, this run's is {now}; "
+                    "resuming would mix them. Start a fresh search: "
+                    "hydra.sweeper.study_name=NEW_NAME")
+
+    def _run_stage(self, ctx: StageRun, params: list[Param],
+                   records: list[StageRecord]) -> StageRecord:
+        """A searched stage: sample until its budget is counted and nothing runs."""
+        stage, s = ctx.stage, self.s
+        space = params if not records else _space.narrow(
+            records[-1].params, [t.params for t in records[-1].top(s.top_k, self.maximize)],
+            s.margin)
+        spans = {p.name: _space.describe(p) for p in space}
+        self._check_space(ctx, spans)
+        ctx.parent.log_params({f"{stage.study_suffix}.n_trials": stage.n_trials,
+                               **{f"{stage.study_suffix}.space.{k}": v
+                                  for k, v in spans.items()}})
+        log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
+                 ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
+
+        def within_budget(asked):
+            allowed = {t.number for t in ctx.ledger.counted()[:stage.n_trials]}
+            return [t for t in asked if t.number in allowed]
+
         while True:
-            counted = ledger.counted()
-            todo = stage.n_trials - len(counted)
+            todo = stage.n_trials - len(ctx.ledger.counted())
             if todo > 0:
-                self._run_batch(stage, study, ledger, space, fixed, parent, heartbeat,
-                                min(todo, s.n_jobs))
-                continue
-            running = [t for t in counted if t.state == TrialState.RUNNING]
-            if not running:
+                self._run_batch(ctx, [space] * min(todo, s.n_jobs), within_budget)
+            elif not self._wait_for_others(ctx):
                 break
-            if not said_waiting:
-                log.info("stage %s: budget taken; waiting for %d trial(s) running "
-                         "elsewhere", stage.label, len(running))
-                said_waiting = True
-            time.sleep(min(s.heartbeat_seconds, POLL_SECONDS))
-        record = StageRecord(stage.label, space, ledger.finished())
+        record = StageRecord(stage.label, space, ctx.ledger.finished())
         best = record.top(1, self.maximize)
-        log.info("stage %s done: %d complete, %d failed%s", stage.label,
-                 len(record.complete()), len(record.trials) - len(record.complete()),
+        log.info("stage %s done: %d complete, %d pruned, %d failed%s", stage.label,
+                 len(record.complete()), len(record.pruned()), len(record.failed()),
                  f"; best {best[0].value:.4f} at {best[0].params}" if best else "")
         return record
+
+    def _wait_for_others(self, ctx: StageRun) -> bool:
+        """Whether trials of the stage still run elsewhere (then wait a little)."""
+        running = [t for t in ctx.ledger.counted() if t.state == TrialState.RUNNING]
+        if running:
+            if not ctx.said_waiting:
+                log.info("stage %s: waiting for %d trial(s) running elsewhere",
+                         ctx.stage.label, len(running))
+                ctx.said_waiting = True
+            time.sleep(min(self.s.heartbeat_seconds, POLL_SECONDS))
+        return bool(running)
+
+    def _run_final(self, ctx: StageRun, params: list[Param],
+                   last: StageRecord) -> StageRecord:
+        """Retrain the last stage's best top_m with `seeds` seeds each. Each (candidate,
+        seed) is a slot, run until a trial of it completes; one that failed in this run
+        is not retried before a re-run."""
+        s = self.s
+        candidates = [t.params for t in last.top(s.final.top_m, self.maximize)]
+        base = self.compose([*ctx.fixed, *ctx.stage.overrides]).train.seed
+        slots = [_space.seeded(last.params, c, base + i)
+                 for c in candidates for i in range(s.final.seeds)]
+        log.info("final: the best %d of stage %s, %d seed(s) each", len(candidates),
+                 last.label, s.final.seeds)
+        keys = [_slot_key(_space.point(slot)) for slot in slots]
+        tried: set = set()
+
+        def first_of_their_slot(asked):
+            """Two workers may pick the same free slot at once: the lower trial number
+            runs it, as the budget rule does for sampled stages."""
+            latest = max(t.number for t in asked)
+            for _ in range(50):  # another worker's trial gets its params just after ask
+                trials = ctx.ledger.trials()
+                if all(t.params for t in trials
+                       if t.state == TrialState.RUNNING and t.number < latest):
+                    break
+                time.sleep(0.1)
+            holder = {}
+            for t in sorted(trials, key=lambda t: t.number):
+                if t.state in (TrialState.COMPLETE, TrialState.RUNNING) and t.params:
+                    holder.setdefault(_slot_key(t.params), t.number)
+            return [t for t in asked if holder.get(_slot_key(t.params)) == t.number]
+
+        while True:
+            taken = {_slot_key(t.params) for t in ctx.ledger.trials()
+                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)} | tried
+            todo = [slot for slot, key in zip(slots, keys, strict=True) if key not in taken]
+            if todo:
+                batch = todo[:s.n_jobs]
+                tried |= {_slot_key(_space.point(slot)) for slot in batch}
+                self._run_batch(ctx, batch, first_of_their_slot)
+            elif not self._wait_for_others(ctx):
+                break
+        trials = [t for t in ctx.ledger.finished() if _slot_key(t.params) in set(keys)]
+        return StageRecord(FINAL, slots[0], trials, candidates=candidates)
 
     def _seed(self, stage: Stage, number: int) -> int | None:
         return None if self.s.seed is None else \
             _studies.trial_seed(self.s.seed, stage.index, number)
 
-    def _run_batch(self, stage, study, ledger, space, fixed, parent, heartbeat, size):
+    def _run_batch(self, ctx: StageRun, spaces: list[list[Param]], admit) -> None:
+        """Ask a trial per space, keep those `admit(asked)` returns (the budget), launch
+        them as one batch of jobs and tell each its outcome."""
         asked, told = [], set()
         try:
-            for _ in range(size):
-                trial = study.ask()  # the sampler is seeded by its number (SeededPerTrial)
+            for space in spaces:
+                trial = ctx.study.ask()  # the sampler is seeded by its number
                 trial.set_user_attr(WORKER, self.worker)
-                heartbeat.add(trial)
-                asked.append(trial)
+                ctx.heartbeat.add(trial)
+                asked.append((trial, space))
                 _space.suggest(trial, space)
-            allowed = {t.number for t in ledger.counted()[:stage.n_trials]}
-            batch = [t for t in asked if t.number in allowed]
-            for trial in asked:
-                if trial.number not in allowed:  # another worker took the last slots
-                    log.info("stage %s: trial %d is over the budget; dropped", stage.label,
-                             trial.number)
-                    self._tell_uncounted(study, trial, heartbeat)
+            admitted = {t.number for t in admit([t for t, _ in asked])}
+            for trial, _ in asked:
+                if trial.number not in admitted:  # another worker took the last slots
+                    log.info("stage %s: trial %d is over the budget (another worker "
+                             "took the slot); dropped", ctx.stage.label, trial.number)
+                    self._drop(ctx, trial, "over the budget: another worker took the slot")
                     told.add(trial.number)
+            batch = [(t, space) for t, space in asked if t.number in admitted]
             if not batch:
                 return
-            overrides = [self._overrides(stage, t, space, fixed, parent) for t in batch]
+            overrides = [self._overrides(ctx, t, space) for t, space in batch]
             for job in overrides:  # fails here, not in the launcher's process
                 self.compose(job)
-            self.launched.setdefault(stage.label, []).extend(t.number for t in batch)
+            self.launched.setdefault(ctx.stage.label, []).extend(t.number for t, _ in batch)
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             fatal = None
-            for trial, ret in zip(batch, returns, strict=True):
-                fatal = self._tell(stage, study, trial, ret, space, parent) or fatal
-                heartbeat.remove(trial)
+            for (trial, space), ret in zip(batch, returns, strict=True):
+                fatal = self._tell(ctx, trial, ret, space) or fatal
+                ctx.heartbeat.remove(trial)
                 told.add(trial.number)
             if fatal is not None:
                 raise fatal
         except BaseException:
             # interrupted (Ctrl-C) or a config error: these trials did not run to an
             # outcome, so they leave the budget and a re-run replaces them
-            unfinished = [t for t in asked if t.number not in told]
+            unfinished = [t for t, _ in asked if t.number not in told]
             for trial in unfinished:
-                self._tell_uncounted(study, trial, heartbeat)
+                self._drop(ctx, trial, "interrupted")
             try:
                 # A launcher's workers may have been killed before closing their runs
                 # (joblib does on Ctrl-C): any run of this worker's still RUNNING is over.
-                parent.mark_ended(stage.label, sorted(
-                    {t.number for t in unfinished} | set(self.launched.get(stage.label, []))))
+                ctx.parent.mark_ended(ctx.stage.label, sorted(
+                    {t.number for t in unfinished}
+                    | set(self.launched.get(ctx.stage.label, []))))
             except Exception as err:
                 log.warning("could not mark interrupted child runs KILLED: %s", err)
             raise
 
     @staticmethod
-    def _tell_uncounted(study, trial, heartbeat) -> None:
-        heartbeat.remove(trial)
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    def _drop(ctx: StageRun, trial, reason: str) -> None:
+        """Fail a trial that did not run to an outcome: it does not count."""
+        ctx.heartbeat.remove(trial)
+        try:
+            trial.set_user_attr(DROPPED, reason)
+        except Exception as err:  # told meanwhile, or the storage is away
+            log.warning("trial %d: reason for dropping it not recorded (%s)",
+                        trial.number, err)
+        ctx.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
-    def _overrides(self, stage: Stage, trial, space: list[Param], fixed, parent) -> list[str]:
-        return [*fixed, *stage.overrides,
+    def _overrides(self, ctx: StageRun, trial, space: list[Param]) -> list[str]:
+        stage = ctx.stage
+        report_to = [] if ctx.storage is None else [
+            f"trial.storage={Transformer.str(_studies.describe_storage(ctx.storage))}",
+            f"trial.study={Transformer.str(ctx.study_name)}", f"trial.number={trial.number}"]
+        return [*ctx.fixed, *stage.overrides,
                 *(p.override(trial.params[p.name]) for p in space),
                 # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
                 f"tracking.uri={Transformer.str(mask_password(self.uri))}",
-                f"tracking.parent_run_id={parent.run_id}",
+                f"tracking.parent_run_id={ctx.parent.run_id}",
                 "tracking.run_name="
                 + Transformer.str(run_name(stage.label, trial.number, trial.params)),
-                f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
+                *report_to, f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
 
-    def _tell(self, stage: Stage, study, trial, ret, space, parent) -> Exception | None:
+    def _tell(self, ctx: StageRun, trial, ret, space) -> Exception | None:
         """Record the job's outcome on its trial; return the job's error if it must
         stop the sweep (a ConfigError/DataError no sample is to blame for)."""
+        stage, study = ctx.stage, ctx.study
         failure = fatal = None
+        value, test_acc, pruned_at = math.nan, None, None
         try:
-            value = float(ret.return_value)  # re-raises the job's exception
+            outcome = ret.return_value  # re-raises the job's exception
         except Exception as err:
             failure = f"{type(err).__name__}: {err}"
             if isinstance(err, (ConfigError, DataError)) and not names_searched(err, space):
                 fatal = err
         else:
-            if not math.isfinite(value):
-                failure = f"diverged: the objective is {value}"
+            failure = outcome.failure
+            if failure is None:
+                value = outcome.val_acc
+                test_acc, pruned_at = outcome.final.get("test_acc"), outcome.pruned_at
+                if not math.isfinite(value):
+                    failure = f"diverged: the objective is {value}"
         try:
             if failure is None:
-                if stage.label == FINAL:
-                    test_acc = parent.test_accuracy(FINAL, trial.number)
-                    if test_acc is not None:
-                        trial.set_user_attr(TEST_ACC, test_acc)
+                if test_acc is not None:
+                    trial.set_user_attr(TEST_ACC, test_acc)
+                if pruned_at is not None:  # Optuna keeps its last reported value
+                    trial.set_user_attr(PRUNED_AT, pruned_at)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    log.info("stage %s trial %d: %s -> pruned at step %d (%.4f)",
+                             stage.label, trial.number, trial.params, pruned_at, value)
+                    return None
                 study.tell(trial, value)
                 log.info("stage %s trial %d: %s -> %.4f", stage.label, trial.number,
                          trial.params, value)
-                return
+                return None
             if fatal is None:  # counted; a fatal error's trial is replaced after the fix
                 trial.set_user_attr(FAILURE, failure[:MAX_TAG_LENGTH])
+            else:
+                trial.set_user_attr(DROPPED, "stopped the sweep: " + failure[:MAX_TAG_LENGTH])
             study.tell(trial, state=TrialState.FAIL)
         except Exception as err:  # failed as stale by another worker meanwhile
             log.warning("stage %s trial %d: result not recorded (%s)", stage.label,
@@ -387,5 +526,9 @@ class Sweep:
         log.warning("stage %s trial %d FAILED: %s -> %s%s", stage.label, trial.number,
                     trial.params, failure.splitlines()[0],
                     "; every trial would fail alike: stopping the sweep" if fatal else "")
-        parent.record_failure(stage.label, trial, trial.params, failure)
+        ctx.parent.record_failure(stage.label, trial, trial.params, failure)
         return fatal
+
+
+def _slot_key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))

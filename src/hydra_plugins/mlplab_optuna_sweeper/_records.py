@@ -6,10 +6,12 @@ Its id is kept as a user attribute of the sweep's Optuna study, so a second work
 or a re-run attaches to the same parent. Every write goes through `with_retries`
 because workers share one SQLite store.
 
-Contract with `mlplab.commands` (the report): the parent has tags mlplab.sweep=true
-and mlplab.study, artifacts trials.csv (stage, number, state, value, one column per
-parameter) and accuracy_vs_<param>_stage<i>.png, metrics final_test_acc and
-best_<param>; the final retrain's child run has tag stage=final.
+Contract with `mlplab.report`: the parent has tags mlplab.sweep=true, mlplab.study
+and best.<param> (the sweep's answer), artifacts trials.csv (stage, number, state,
+value, test_acc, pruned_at, one column per parameter) and
+accuracy_vs_<param>_stage<i>.png, metrics final_val_acc, final_test_acc (means over
+the chosen candidate's seeds, with _sd) and best_<param>; the final retrains' child
+runs have tag stage=final.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +37,9 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
 FINAL = "final"
-TEST_ACC = "test_acc"  # the app's metric on the final retrain, copied to the trial
+TEST_ACC = "test_acc"  # the job's test accuracy, kept on its trial
+PRUNED_AT = "pruned_at"  # the update step a pruned trial stopped at
+TABLE_COLUMNS = ("stage", "number", "state", "value", TEST_ACC, PRUNED_AT)
 MAX_TAG_LENGTH = tracking.MAX_TAG_LENGTH
 
 
@@ -46,12 +51,58 @@ class StageRecord:
     label: str
     params: list[Param]
     trials: list[FrozenTrial]
+    candidates: list[dict] | None = None  # the final step's: the params it retrained
 
     def complete(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE]
 
+    def pruned(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state == TrialState.PRUNED]
+
+    def failed(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state == TrialState.FAIL]
+
     def top(self, k: int, maximize: bool) -> list[FrozenTrial]:
         return sorted(self.complete(), key=lambda t: t.value, reverse=maximize)[:k]
+
+
+@dataclass
+class Candidate:
+    """One configuration of the final step and its retrains' accuracies (one per seed)."""
+
+    params: dict
+    val: list[float]
+    test: list[float]
+
+    @staticmethod
+    def spread(values: list[float]) -> float | None:
+        """Sample standard deviation over seeds; None below two."""
+        return statistics.stdev(values) if len(values) > 1 else None
+
+
+def candidates(final: StageRecord) -> list[Candidate]:
+    """The final step's candidates, in rank order of the last stage, each with the
+    accuracies of its complete retrains (the newest per seed)."""
+    newest: dict[tuple, FrozenTrial] = {}
+    for t in sorted(final.complete(), key=lambda t: t.number):
+        newest[tuple(sorted(t.params.items()))] = t
+    out = []
+    for params in final.candidates or []:
+        runs = [t for t in newest.values()
+                if all(t.params.get(k) == v for k, v in params.items())]
+        out.append(Candidate(params, [t.value for t in runs],
+                             [t.user_attrs[TEST_ACC] for t in runs
+                              if TEST_ACC in t.user_attrs]))
+    return out
+
+
+def choose(cands: list[Candidate], maximize: bool) -> Candidate | None:
+    """The candidate with the best mean validation accuracy (test plays no part)."""
+    scored = [c for c in cands if c.val]
+    if not scored:
+        return None
+    sign = 1 if maximize else -1
+    return max(scored, key=lambda c: sign * statistics.fmean(c.val))
 
 
 class ParentRun:
@@ -166,19 +217,11 @@ class ParentRun:
                     tracking.with_retries(lambda r=run: self.client.set_terminated(
                         r.info.run_id, status))
 
-    def test_accuracy(self, stage: str, number: int) -> float | None:
-        """A finished trial's test accuracy, from its child run (complete in the store
-        once the job has returned)."""
-        for run in self.children(stage, number):
-            if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics:
-                return run.data.metrics[TEST_ACC]
-        return None
-
     # --- summary ----------------------------------------------------------------------
 
     def write_summary(self, records: list[StageRecord], top_k: int, maximize: bool) -> None:
         """trials.csv, a plot per stage and numeric parameter, best value and params
-        per stage (metrics stepped by stage), and the final retrain's accuracies."""
+        per stage (metrics stepped by stage), and the final step's candidates."""
         names = list(dict.fromkeys(p.name for r in records for p in r.params))
         searched = [r for r in records if r.label != FINAL]
         with tempfile.TemporaryDirectory() as tmp:
@@ -194,23 +237,55 @@ class ParentRun:
                         _stage_plot(record, p, best, path)
                         self._artifact(path)
                 if best:
-                    top = best[0]
-                    self.log_metrics({"best_value": top.value,
-                                      **{f"best_{k}": v for k, v in top.params.items()
-                                         if _is_number(v)}}, step=i)
+                    self.log_metrics({"best_value": best[0].value,
+                                      **_numbers("best_", best[0].params)}, step=i)
                 self.log_metrics({"n_complete": len(record.complete()),
-                                  "n_failed": len(record.trials) - len(record.complete())},
-                                 step=i)
-        if searched and searched[-1].complete():
-            top = searched[-1].top(1, maximize)[0]
-            self.log_params({f"best_{k}": v for k, v in top.params.items()})
-        final = [r for r in records if r.label == FINAL]
-        if final and final[0].complete():
-            trial = final[0].complete()[0]
-            test_acc = trial.user_attrs.get(TEST_ACC)
-            self.log_metrics({"final_val_acc": trial.value, "final_test_acc": test_acc})
-            if test_acc is None:
-                log.warning("final retrain (trial %d) has no test accuracy", trial.number)
+                                  "n_pruned": len(record.pruned()),
+                                  "n_failed": len(record.failed())}, step=i)
+        answer = searched[-1].top(1, maximize)[0].params \
+            if searched and searched[-1].complete() else None
+        final = next((r for r in records if r.label == FINAL), None)
+        if final is not None:
+            chosen = self._write_final(final, maximize)
+            if chosen is not None:
+                answer = chosen.params
+                self.log_metrics(_numbers("best_", answer), step=len(searched))
+        if answer is not None:  # tags, not params: a resumed sweep may change its answer
+            self.set_tags({f"best.{k}": v for k, v in answer.items()})
+
+    def _write_final(self, final: StageRecord, maximize: bool) -> Candidate | None:
+        """Each candidate's mean and spread of validation accuracy over its seeds
+        (metrics stepped by rank, a candidate<i> tag naming it) and the chosen one's
+        validation and test accuracy: final_val_acc, final_test_acc (means), _sd."""
+        cands = candidates(final)
+        for i, c in enumerate(cands):
+            self.set_tags({f"candidate{i}": " ".join(f"{k}={v}" for k, v in c.params.items())})
+            if c.val:
+                self.log_metrics({"candidate_val_acc": statistics.fmean(c.val),
+                                  "candidate_val_acc_sd": Candidate.spread(c.val),
+                                  "candidate_seeds": len(c.val)}, step=i)
+        chosen = choose(cands, maximize)
+        if chosen is None:
+            return None
+        test = statistics.fmean(chosen.test) if chosen.test else None
+        self.log_metrics({"final_val_acc": statistics.fmean(chosen.val),
+                          "final_val_acc_sd": Candidate.spread(chosen.val),
+                          "final_test_acc": test,
+                          "final_test_acc_sd": Candidate.spread(chosen.test),
+                          "final_seeds": len(chosen.val)})
+        log.info("final: chose %s, validation %.4f over %d seed(s)%s", chosen.params,
+                 statistics.fmean(chosen.val), len(chosen.val),
+                 f", test {test:.4f}" if test is not None else "")
+        if test is None:
+            log.warning("final retrain of %s has no test accuracy", chosen.params)
+        return chosen
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
+        if items:
+            tracking.with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
 
     def _artifact(self, path: Path) -> None:
         tracking.with_retries(lambda: self.client.log_artifact(self.run_id, str(path)))
@@ -226,28 +301,35 @@ def run_name(stage: str, number: int, params: dict | None = None) -> str:
 
 
 def write_table(records: list[StageRecord], names: list[str], path: Path) -> None:
-    """One row per counted trial: stage, number, state, value, then each parameter."""
+    """One row per counted trial: stage, number, state (COMPLETE, PRUNED, FAIL), value
+    (a pruned trial's: its last reported), test_acc, pruned_at, then each parameter."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["stage", "number", "state", "value", *names])
+        out.writerow([*TABLE_COLUMNS, *names])
         for record in records:
             for t in record.trials:
                 value = "" if t.value is None else repr(t.value)
                 out.writerow([record.label, t.number, t.state.name, value,
+                              t.user_attrs.get(TEST_ACC, ""), t.user_attrs.get(PRUNED_AT, ""),
                               *(t.params.get(n, "") for n in names)])
 
 
 def _stage_plot(record: StageRecord, p: Param, best: list[FrozenTrial], path: Path) -> None:
-    done = [t for t in record.complete() if p.name in t.params]
-    failed = [t.params[p.name] for t in record.trials
-              if t.state == TrialState.FAIL and p.name in t.params]
+    def points(trials):
+        return [(t.params[p.name], t.value) for t in trials
+                if p.name in t.params and t.value is not None]
+
     d = p.distribution
     plots.plot_search_stage(
-        [(t.params[p.name], t.value) for t in done],
-        [(t.params[p.name], t.value) for t in best if p.name in t.params],
-        failed, path, param=p.name, span=(d.low, d.high), log_x=p.log,
+        points(record.complete()), points(best),
+        [t.params[p.name] for t in record.failed() if p.name in t.params], path,
+        pruned=points(record.pruned()), param=p.name, span=(d.low, d.high), log_x=p.log,
         title=f"stage {record.label}: {p.name} in [{d.low:.3g}, {d.high:.3g}], "
               f"{len(record.trials)} trials")
+
+
+def _numbers(prefix: str, params: dict) -> dict:
+    return {prefix + k: v for k, v in params.items() if _is_number(v)}
 
 
 def _is_number(v) -> bool:

@@ -36,6 +36,8 @@ from optuna.distributions import (
 
 from mlplab.config import ConfigError
 
+SEED = "train.seed"  # the final step's retrains differ by it
+
 
 @dataclass
 class Param:
@@ -141,6 +143,19 @@ def pinned(params: Iterable[Param], values: dict) -> list[Param]:
             single = FloatDistribution(v, v, log=d.log)
         out.append(Param(p.name, p.key, single, p.choice_texts))
     return out
+
+
+def seeded(params: Iterable[Param], values: dict, seed: int) -> list[Param]:
+    """`pinned` to `values`, plus train.seed pinned to `seed`: one retrain of the final
+    step."""
+    return [*pinned(params, values), Param(SEED, SEED, IntDistribution(seed, seed))]
+
+
+def point(pinned_params: Iterable[Param]) -> dict:
+    """The values a pinned space holds, as a trial's params."""
+    return {p.name: p.distribution.choices[0]
+            if isinstance(p.distribution, CategoricalDistribution) else p.distribution.low
+            for p in pinned_params}
 
 
 def narrow(params: Iterable[Param], best: Sequence[dict], margin: float) -> list[Param]:

@@ -3,14 +3,18 @@
 Several workers (processes, machines) may run the same sweep against one storage,
 and a worker may be interrupted and re-run. The rules that keep that consistent:
 
-- A trial *counts* towards a stage's budget if it is COMPLETE, FAIL with a recorded
-  `failure` (the job failed or diverged: a real outcome), or RUNNING and alive.
+- A trial *counts* towards a stage's budget if it is COMPLETE, PRUNED, FAIL with a
+  recorded `failure` (the job failed or diverged: a real outcome), or RUNNING and
+  alive. A FAIL this worker drops (interrupted, over the budget) says why in its
+  `dropped` attribute.
 - RUNNING trials are alive while their worker writes a `heartbeat` user attribute;
   one silent for `stale_seconds` belongs to a worker that was killed: it is failed
-  without a `failure` attribute, so it stops counting and is replaced.
+  without a `failure` (its MLflow run says "worker lost"), so it stops counting and
+  is replaced.
 - Trial numbers are handed out by the storage in order, so "the first n counted
   trials by number" is the same set for every worker: a worker whose fresh trial
-  falls outside it abandons that trial (FAIL, uncounted) instead of overrunning.
+  falls outside it drops that trial (`dropped` = over the budget) instead of
+  overrunning.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ SQLITE_TIMEOUT_SECONDS = 60  # how long SQLite waits for another worker's write 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler",
             "gp": "GPSampler", "cmaes": "CmaEsSampler"}
 FAILURE, HEARTBEAT, WORKER = "failure", "heartbeat", "worker"
+DROPPED = "dropped"  # why a FAIL trial does not count (interrupted, over the budget, ...)
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
 
@@ -176,7 +182,7 @@ class Ledger:
 
     @staticmethod
     def counts(t: FrozenTrial) -> bool:
-        return (t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+        return (t.state in COUNTED_STATES
                 or (t.state == TrialState.FAIL and FAILURE in t.user_attrs))
 
     def counted(self, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:

@@ -21,6 +21,25 @@ class StageConf:
 @dataclass
 class FinalConf:
     overrides: list[str] = field(default_factory=list)  # e.g. data.n_val=1000 schedule.cycles=3
+    # Robust selection: retrain the best top_m trials of the last stage with `seeds`
+    # seeds each (train.seed, train.seed+1, ...) and keep the best mean validation
+    # accuracy. 1 and 1: retrain the best trial once (the reports' protocol).
+    top_m: int = 1
+    seeds: int = 1
+
+
+@dataclass
+class PruningConf:
+    """Knobs of hydra.sweeper.pruner (Optuna's pruners); steps are update steps."""
+
+    n_startup_trials: int = 5  # median: trials run to the end before any is pruned
+    n_warmup_steps: int = 0  # median: no pruning before this step
+    interval_steps: int = 1  # median: look every this many reported steps
+    # successive_halving, hyperband: rungs at min_resource * reduction_factor**k steps,
+    # keeping the best 1/reduction_factor of the trials at each; auto: from the first
+    min_resource: Any = "auto"  # ... trial's steps (successive_halving, hyperband)
+    max_resource: Any = "auto"  # hyperband: a full trial's steps; auto: the first one's
+    reduction_factor: int = 3
 
 
 @dataclass
@@ -31,7 +50,8 @@ class MlplabOptunaSweeperConf:
     seed: int | None = None  # sampler seed; null: a fresh one each run
     n_trials: int = 20  # trials of a one-stage search, or of stages that don't say
     n_jobs: int = 1  # trials per launcher batch (run in parallel by e.g. joblib)
-    # null: in memory (no resume); sqlite:///optuna.db, postgresql://...: a database;
+    # null: in memory (no resume; with a pruner, a journal file in the sweep's folder,
+    # which the jobs report to); sqlite:///optuna.db, postgresql://...: a database;
     # journal:PATH: Optuna's journal file (safe for several local workers)
     storage: str | None = None
     study_name: str | None = None  # null: a new name each run (no resume)
@@ -40,7 +60,11 @@ class MlplabOptunaSweeperConf:
     stages: list[StageConf] = field(default_factory=list)  # []: one stage of n_trials
     top_k: int = 3  # the next stage searches the log range spanned by the best top_k
     margin: float = 0.0  # ... widened by this many decades on each side
-    final: FinalConf | None = None  # retrain the best trial with these overrides
+    final: FinalConf | None = None  # retrain the best trial(s) with these overrides
+    # stop hopeless trials early: none | median | successive_halving | hyperband; each
+    # trial reports its validation accuracy at every evaluation point (not the final)
+    pruner: str = "none"
+    pruning: PruningConf = field(default_factory=PruningConf)
     heartbeat_seconds: float = 10.0  # how often a worker marks its running trials alive
     stale_seconds: float = 60.0  # a running trial silent this long was interrupted
 

@@ -3,13 +3,13 @@
     python train.py model.layers=[50,50] bn=true      # or: mlplab-train ...
 
 `run_experiment(cfg)` is the same without the command line (tests, notebooks, the
-sweeper). Its outcome's final validation accuracy is what sweeps optimise.
+sweeper). Its outcome (final accuracies, whether it was pruned) is what a multirun job
+returns to the sweeper, which optimises the final validation accuracy.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import tempfile
 import time
@@ -32,6 +32,7 @@ from mlplab.config import ConfigError
 from mlplab.data import DataError, Dataset
 
 EXAMPLE_ROWS = 2  # raw test images logged as the model's input example
+PRUNED = "pruned"  # tag of a run its sweep stopped early: the update step it stopped at
 
 
 @dataclass
@@ -43,10 +44,16 @@ class Outcome:
     tracking_uri: str | None
     seconds: dict[str, float]
     runs_page: str | None = None  # the experiment's runs in the MLflow UI
+    pruned_at: int | None = None  # the update step its sweep's pruner stopped it at
+    failure: str | None = None  # a multirun job's diverged training (see main)
 
     @property
     def val_acc(self) -> float:
         return self.final["val_acc"]
+
+    @classmethod
+    def failed(cls, failure: str) -> Outcome:
+        return cls({}, None, None, {}, failure=failure)
 
 
 def run_experiment(cfg: DictConfig) -> Outcome:
@@ -66,10 +73,12 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         optimizer=experiment.build_optimizer(cfg),
         augment=experiment.build_augment(cfg, ds.image_shape),
         label_smoothing=cfg.train.label_smoothing, progress=cfg.train.progress)
+    stop_early = _trial_reporter(cfg)
     t_cfg = cfg.tracking
     if not t_cfg.enabled:
-        result = train()
-        return Outcome(result.final, None, None, _seconds(result, 0.0, t_start))
+        result = train(on_eval=stop_early)
+        return Outcome(result.final, None, None, _seconds(result, 0.0, t_start),
+                       pruned_at=result.steps if result.stopped else None)
 
     uri = tracking.resolve_uri(t_cfg.uri)
     # the config's tags from the start: a sweep finds a killed trial's run by them
@@ -80,19 +89,39 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint))
         run.log_datasets(ds)
-        result = train(on_eval=lambda rec: run.log_metrics(
-            {k: v for k, v in rec.items() if k not in ("step", "epoch")}, rec["step"]))
+
+        def on_eval(rec: dict) -> bool:
+            run.log_metrics({k: v for k, v in rec.items() if k not in ("step", "epoch")},
+                            rec["step"])
+            return stop_early is not None and stop_early(rec)
+
+        result = train(on_eval=on_eval)
         final = result.final
         run.log_metrics({"final_train_acc": final["train_acc"],
                          "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
                          "test_loss": final["test_loss"]}, step=result.steps)
-        _log_outputs(run, resolved, net, ds, result, summary, t_cfg.log_model)
+        if result.stopped:  # the runs list says so, beside its name
+            run.set_tags({PRUNED: str(result.steps), "mlflow.runName":
+                          f"{t_cfg.run_name or experiment.run_name(cfg, net)} PRUNED"})
+        _log_outputs(run, resolved, net, ds, result, summary,
+                     t_cfg.log_model and not result.stopped)
         seconds = _seconds(result, run.seconds, t_start)
         run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps)
     seconds["tracking"] = run.seconds  # closing the run is on the clock too
     seconds["wall"] = time.perf_counter() - t_start
     return Outcome(final, run.run_id, uri, seconds,
-                   tracking.runs_page(uri, run.experiment_id))
+                   tracking.runs_page(uri, run.experiment_id),
+                   pruned_at=result.steps if result.stopped else None)
+
+
+def _trial_reporter(cfg: DictConfig):
+    """For a trial of a sweep that prunes (the sweeper sets `trial.*`): the callback
+    that reports each evaluation to the trial and says when to stop; else None."""
+    if cfg.trial.study is None:
+        return None
+    from hydra_plugins.mlplab_optuna_sweeper._pruning import TrialReporter
+
+    return TrialReporter(cfg.trial.storage, cfg.trial.study, cfg.trial.number)
 
 
 def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) -> dict:
@@ -145,6 +174,8 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
         f"  seconds   train {s['train']:.1f}   eval {s['eval']:.1f}   "
         f"tracking {s['tracking']:.2f} ({share:.1f}% of {s['wall']:.1f})"
     )
+    if outcome.pruned_at is not None:
+        print(f"  pruned    at update step {outcome.pruned_at}: its sweep stopped it early")
     if outcome.run_id:
         if not outcome.tracking_uri.startswith(("http://", "https://")):
             print("  browse    mlflow ui --backend-store-uri "
@@ -153,8 +184,9 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point. In a multirun a diverged trial returns NaN (recorded as failed
+def main(cfg: DictConfig) -> Outcome:
+    """Hydra entry point; returns the run's Outcome (a sweep's trial result). In a
+    multirun a diverged trial returns an Outcome with its `failure` (recorded as failed
     by the sweeper) instead of stopping the sweep; a single run exits non-zero."""
     multirun = in_multirun()
     try:
@@ -167,14 +199,14 @@ def main(cfg: DictConfig) -> float:
     except trainer.Diverged as err:
         if multirun:
             print(f"mlplab: run FAILED: {err}", file=sys.stderr)
-            return math.nan
+            return Outcome.failed(f"diverged: {err}")
         exit_with(f"run FAILED: {err}", 1)
     except tracking.TrackingError as err:
         if multirun:
             raise
         exit_with(f"tracking failed: {err}", 1)
     print_summary(outcome, cfg)
-    return outcome.val_acc
+    return outcome
 
 
 if __name__ == "__main__":
