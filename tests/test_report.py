@@ -88,6 +88,24 @@ def test_report_tables_each_setting_beside_its_reference_and_draws_the_bn_pair(
     assert "nine_layer_bn.png" not in md
 
 
+def test_report_tables_best_mlp_after_the_reproduced_settings_and_draws_its_curves(
+        tiny_experiment, tracking_uri, tmp_path):
+    reproduced = run_experiment(tiny_experiment("three_layer_bn"))
+    best = run_experiment(tiny_experiment("best_mlp"))
+
+    md = report.build_report(tracking_uri, EXPERIMENT, tmp_path / "out").read_text()
+
+    row = _row(md, "best_mlp")
+    assert row["runs"] == "1"
+    assert row["lambda"] == "0.0002"
+    assert row["test"] == f"{100 * best.final['test_acc']:.1f}"
+    assert row["reference test"] == row["test − reference"] == ""  # beyond the reports
+    assert _row(md, "three_layer_bn")["test"] == f"{100 * reproduced.final['test_acc']:.1f}"
+    assert md.index("| `three_layer_bn` |") < md.index("| `best_mlp` |")
+    assert "(figures/best_mlp.png)" in md
+    assert (tmp_path / "out" / "figures" / "best_mlp.png").stat().st_size > 0
+
+
 def test_report_averages_seeds_keeps_failed_settings_and_skips_trials_and_reports(
         tracking_uri, tmp_path):
     ref = {"reference_test_acc": "0.5"}

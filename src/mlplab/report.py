@@ -90,6 +90,10 @@ FIGURES = (
     Grid("init_sensitivity", "3-layer, weights N(0, std^2): without vs with batch "
          "normalisation", {(f"std {s}", col): f"init_std{s}{suffix}" for s in INIT_STDS
                            for col, suffix in (("no BN", ""), ("BN", "_bn"))}),
+    # beyond the reports: nothing published to pair it with, so a figure of its own,
+    # with the cost as well (the L2 term of its 4.2M weights is not negligible)
+    SideBySide("best_mlp", "Beyond the reports: best_mlp", ("best_mlp",),
+               (("loss", "loss"), ("cost", "cost"), ("acc", "accuracy"))),
 )
 # Table order: settings in the order the figures show them, then any others by name.
 KNOWN_ORDER = tuple(s for fig in FIGURES for s in fig.settings)
