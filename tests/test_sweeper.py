@@ -80,6 +80,21 @@ def test_the_shipped_search_composes_the_reports_protocol():
     assert "data.n_val=1000" in s.final.overrides
 
 
+def test_the_shipped_toolbox_search_screens_best_mlp_with_hyperband_and_retrains_it_fully():
+    import mlplab.commands.train  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+search=best_mlp"], return_hydra_config=True)
+    assert (cfg.model.layers, cfg.bn, cfg.augment.name) == ([1024, 1024], True,
+                                                            "flip_translate")
+    assert cfg.schedule.epochs == 6 and cfg.train.evals_per_cycle == 1  # a short screen
+    s = cfg.hydra.sweeper
+    assert set(s.params) >= {"schedule.eta", "lam", "model.dropout", "model.layers"}
+    assert s.params["model.layers"].startswith("choice(")
+    assert s.pruner == "hyperband" and s.pruning.max_resource == 6 * 450
+    assert "schedule.epochs=35" in s.final.overrides  # best_mlp's full schedule
+
+
 # --- sweeps on tiny data --------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,8 @@ SWEEP_TAG = "mlplab.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 TRIALS_ARTIFACT = "trials.csv"
 FINAL_STAGE = "final"  # the sweep's retrain of its best trial, a row of trials.csv
+# trials.csv's columns that are not searched parameters (train.seed: the final's seeds)
+TRIALS_COLUMNS = ("stage", "number", "state", "value", "test_acc", "pruned_at", "train.seed")
 ACCURACIES = (("train", "final_train_acc"), ("val", "final_val_acc"), ("test", "test_acc"))
 HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
                      for key in ("loss", "cost", "acc"))
@@ -46,7 +48,7 @@ REPORT_FILE = "report.md"
 OVERRIDES_TAG = "hydra_overrides"
 # Params that say how a run was seeded, shown, tracked or where its files live, not
 # what was trained: runs differing only in these are repeats of one configuration.
-BOOKKEEPING = ("train.seed", "train.progress", "data.url", "data.root", "tracking.",
+BOOKKEEPING = ("train.seed", "train.progress", "data.url", "data.root", "tracking.", "trial.",
                "tags.", "gradcheck.")
 PUBLISHED_OVERRIDES = ("experiment",)  # with BOOKKEEPING: what a published run may override
 
@@ -266,8 +268,7 @@ def find_search(client: MlflowClient, experiment: str | None = None) -> Search |
                 continue
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-        params = [c for c in (rows[0] if rows else {}) if c not in
-                  ("stage", "number", "state", "value")]
+        params = [c for c in (rows[0] if rows else {}) if c not in TRIALS_COLUMNS]
         if not params:
             continue
         param = "lam" if "lam" in params else params[0]
@@ -278,6 +279,10 @@ def find_search(client: MlflowClient, experiment: str | None = None) -> Search |
         # the final retrain validates on other rows: not comparable with the stages
         final = next((t for t in trials if t["stage"] == FINAL_STAGE), None)
         trials = [t for t in trials if t["stage"] != FINAL_STAGE]
+        chosen = run.data.tags.get(f"best.{param}")
+        if final is not None and chosen is not None:  # the chosen candidate's seeds' mean
+            final = {param: float(chosen), "value": run.data.metrics["final_val_acc"],
+                     "seeds": int(run.data.metrics.get("final_seeds", 1))}
         return Search(run, names[run.info.experiment_id], param, trials, final)
     return None
 
@@ -424,9 +429,11 @@ def _search_section(client: MlflowClient, experiment: str | None, figures: Path)
         md += ["", f"![accuracy vs {search.param}]({FIGURES_DIR}/{path.name})"]
     if search.final:
         test = search.run.data.metrics.get("final_test_acc")
+        seeds = search.final.get("seeds", 1)
         md += ["", f"Final retrain: {search.param} = {search.final[search.param]:.3g}, "
                f"validation accuracy {_pct(search.final['value'])}%"
-               + (f", test accuracy {_pct(test)}%." if test is not None else ".")]
+               + (f", test accuracy {_pct(test)}%" if test is not None else "")
+               + (f" (means over {seeds} seeds)." if seeds > 1 else ".")]
     return md + [""]
 
 
