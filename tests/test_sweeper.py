@@ -327,6 +327,21 @@ def test_a_pruner_stops_trials_whose_curve_is_clearly_worse_also_after_a_resume(
     assert all(r["pruned_at"] for r in rows if r["state"] == "PRUNED")
 
 
+def test_without_a_storage_a_pruning_sweep_keeps_its_study_in_its_own_folder(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    # the jobs report to the study, so it cannot live in the sweeper's memory alone
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.storage=null",
+        "hydra.sweeper.stages=[{n_trials: 2}]", "hydra.sweeper.final=null",
+        "hydra.sweeper.pruner=median"))
+    journal = tmp_path / "multirun" / "optuna-journal.log"
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal)))
+    stage = optuna.load_study(study_name=f"{STUDY}.stage0", storage=storage)
+    assert len(stage.trials) == 2
+    assert all(len(t.intermediate_values) > 1 for t in stage.trials), "each reported its curve"
+
+
 def test_a_bad_pruner_setting_is_refused_before_anything_is_recorded(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
     for bad, message in [("hydra.sweeper.pruner=halving", "hydra.sweeper.pruner='halving': "
