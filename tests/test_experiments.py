@@ -96,3 +96,18 @@ def test_experiment_composes_and_trains_a_few_steps(tiny_experiment, tracking_ur
     assert run.info.run_name == name
     assert run.data.tags["setting"] == name
     assert 0 <= run.data.metrics["test_acc"] <= 1
+
+
+@pytest.mark.parametrize("ablation", ["augment=none", "optimizer=sgd", "model.dropout=0",
+                                      "model.layers=[512,512]", "train.label_smoothing=0"])
+def test_best_mlp_ablations_are_one_override_and_change_nothing_else(make_cfg, ablation):
+    from mlplab import experiment
+
+    full = OmegaConf.to_container(_published_cfg(make_cfg, "best_mlp"))
+    cfg = make_cfg("experiment=best_mlp", "train.batch_size=100", ablation)
+    experiment.validate(cfg)  # composes and validates: no key left over from the recipe
+    ablated = OmegaConf.to_container(cfg)
+    key, _ = ablation.split("=")
+    group = key.split(".")[0]
+    differs = {k for k in full if full[k] != ablated[k]}
+    assert differs == {group}, f"{ablation} changed {differs}"
