@@ -19,7 +19,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _space
-from hydra_plugins.mlplab_optuna_sweeper._records import Candidate, choose
+from hydra_plugins.mlplab_optuna_sweeper._driver import narrowed
+from hydra_plugins.mlplab_optuna_sweeper._records import Candidate, StageRecord, choose
 from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
 from mlplab import trainer
 from mlplab.commands.common import CONF_DIR
@@ -64,6 +65,22 @@ def test_narrowing_spans_the_best_values_of_log_parameters_widened_by_the_margin
     assert wide["lam"].low == pytest.approx(1e-4) and wide["lam"].high == pytest.approx(4e-2)
     clipped = _space.narrow(params, best, margin=3.0)[0].distribution
     assert (clipped.low, clipped.high) == (1e-5, 1e-1)  # never beyond the previous stage
+
+
+def test_a_stage_left_with_one_complete_trial_by_its_pruner_is_not_narrowed_to_a_point():
+    params, _ = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))"])
+    dist = params[0].distribution
+    trials = [optuna.trial.create_trial(params={"lam": lam}, distributions={"lam": dist},
+                                        value=value, state=state)
+              for lam, value, state in [(1e-3, 0.52, TrialState.COMPLETE),
+                                        (1e-4, 0.40, TrialState.PRUNED),
+                                        (4e-3, 0.42, TrialState.PRUNED)]]
+    last = StageRecord("0", params, trials)
+    assert narrowed(last, top_k=3, margin=0.0, maximize=True) == params
+    trials[1] = optuna.trial.create_trial(params={"lam": 1e-4}, value=0.5,
+                                          distributions={"lam": dist})
+    [lam] = narrowed(StageRecord("0", params, trials), 3, 0.0, True)
+    assert (lam.distribution.low, lam.distribution.high) == (1e-4, 1e-3)
 
 
 def test_the_shipped_search_composes_the_reports_protocol():

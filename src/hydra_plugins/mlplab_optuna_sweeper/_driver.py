@@ -138,6 +138,18 @@ def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> 
                         "overrides": st.overrides} for st in stages]}
 
 
+def narrowed(last: StageRecord, top_k: int, margin: float, maximize: bool) -> list[Param]:
+    """The span of the last stage's best top_k complete trials; its own space when
+    the pruner left fewer than two of them (one point is no span to search)."""
+    top = last.top(top_k, maximize)
+    if len(top) < min(top_k, 2):
+        log.warning("stage %s: %d complete trial(s), the rest pruned or failed: the next "
+                    "stage searches the same space (prune less: e.g. the median pruner's "
+                    "n_startup_trials)", last.label, len(top))
+        return last.params
+    return _space.narrow(last.params, [t.params for t in top], margin)
+
+
 @dataclass
 class StageRun:
     """A stage as this worker runs it: what each batch of its trials needs."""
@@ -319,9 +331,8 @@ class Sweep:
                    records: list[StageRecord]) -> StageRecord:
         """A searched stage: sample until its budget is counted and nothing runs."""
         stage, s = ctx.stage, self.s
-        space = params if not records else _space.narrow(
-            records[-1].params, [t.params for t in records[-1].top(s.top_k, self.maximize)],
-            s.margin)
+        space = params if not records else narrowed(records[-1], s.top_k, s.margin,
+                                                    self.maximize)
         spans = {p.name: _space.describe(p) for p in space}
         self._check_space(ctx, spans)
         ctx.parent.log_params({f"{stage.study_suffix}.n_trials": stage.n_trials,
