@@ -7,10 +7,10 @@ through `mlplab.trainer.train` itself (shuffle, batching and the update steps; t
 evaluation is timed separately), and in the same run the matrix products alone: the
 work no trainer can skip. For the plain-SGD nets that floor is layer 1's products
 (forward X_b @ W1 and backward X_b^T @ dS1 for every batch). For the toolbox net
-(3072-1024-1024-10 with BN, dropout, flip-and-translate augmentation and momentum)
-it is every layer's forward, weight-gradient and input-gradient products, and the
+(best_mlp's 3072-1024-1024-10 with BN, dropout, flip-and-translate augmentation and
+Nesterov momentum) it is every layer's forward, weight-gradient and input-gradient products, and the
 augmentation is also timed alone. `epoch / products` says how close to its floor the
-trainer is. With --torch (and PyTorch installed: `pip install torch`, for the bench
+trainer is. With --torch (and PyTorch installed: `pip install torch==2.13.0`, for the bench
 only) an eager PyTorch loop doing the same updates is timed too; for the toolbox net
 it augments with mlplab's own FlipTranslate, so both do the same work.
 Every figure is the median of --repeats runs, taken in one process.
@@ -33,9 +33,9 @@ NETWORKS = {  # name: (hidden sizes, batch norm)
     "3072-50-50-10 BN": ([50, 50], True),
     "9-layer BN": ([50, 30, 20, 20, 10, 10, 10, 10], True),
 }
-# the toolbox net: every new piece on at once, at a width where products dominate
-TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout, flip_translate, momentum"
-TOOLBOX_HIDDEN, TOOLBOX_DROPOUT, TOOLBOX_MAX_SHIFT, TOOLBOX_MOMENTUM = [1024, 1024], 0.2, 4, 0.9
+# the toolbox net: best_mlp's network and update, every new piece on at once
+TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout 0.1, flip_translate, Nesterov (best_mlp)"
+TOOLBOX_HIDDEN, TOOLBOX_DROPOUT, TOOLBOX_MAX_SHIFT, TOOLBOX_MOMENTUM = [1024, 1024], 0.1, 4, 0.9
 ETA, LAM = 0.01, 1e-3
 
 
@@ -56,7 +56,8 @@ def mlplab_epoch(ds, hidden, bn, seed, toolbox=False) -> tuple[float, float]:
     """(seconds for one epoch of updates, seconds for the two evaluations)."""
     options = {}
     if toolbox:
-        options = {"optimizer": optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM),
+        options = {"optimizer": optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM,
+                                                        nesterov=True),
                    "augment": augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)}
     net = network.init_network(D, hidden, K, bn=bn, rng=seed,
                                dropout=TOOLBOX_DROPOUT if toolbox else 0.0)
@@ -99,7 +100,7 @@ def augmentation(ds, seed) -> float:
 
 def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
     """An eager PyTorch epoch with the same shuffling, batches and updates: plain SGD,
-    or for the toolbox net dropout, mlplab's augmentation and momentum with L2 on the
+    or for the toolbox net dropout, mlplab's augmentation and Nesterov momentum with L2 on the
     weights only."""
     import torch
 
@@ -117,7 +118,7 @@ def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
         others = [p for p in model.parameters() if p.dim() != 2]
         opt = torch.optim.SGD([{"params": weights, "weight_decay": 2 * LAM},
                                {"params": others, "weight_decay": 0.0}],
-                              lr=ETA, momentum=TOOLBOX_MOMENTUM)
+                              lr=ETA, momentum=TOOLBOX_MOMENTUM, nesterov=True)
         aug, aug_rng = augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT), \
             np.random.default_rng(seed)
     else:
