@@ -98,7 +98,7 @@ def test_experiment_composes_and_trains_a_few_steps(tiny_experiment, tracking_ur
     assert 0 <= run.data.metrics["test_acc"] <= 1
 
 
-@pytest.mark.parametrize("ablation", ["augment=none", "optimizer=sgd", "model.dropout=0",
+@pytest.mark.parametrize("ablation", ["augment=none", "optimizer=sgd", "model.dropout=0.1",
                                       "model.layers=[512,512]", "train.label_smoothing=0"])
 def test_best_mlp_ablations_are_one_override_and_change_nothing_else(make_cfg, ablation):
     from mlplab import experiment
