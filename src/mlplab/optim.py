@@ -5,8 +5,8 @@ Each optimiser is a small dataclass with `step(params, grads, eta, lam)`: it upd
 Its state (velocities, moment estimates) is plain arrays beside the parameters,
 name -> array, allocated on the first step and reused after. The gradients are
 scratch space: a step overwrites them, which saves weight-sized temporaries. The
-passes run block by block (_blocks), so that a 3072x1024 layer's several passes read
-its 12 MB arrays from memory about once.
+stateful optimisers' passes run block by block (_blocks), so that a 3072x1024 layer's
+several passes read its 12 MB arrays from memory about once.
 
 L2 regularisation `lam` applies to the weights only (the arrays whose name starts
 with "W", see network.Network.weight_names), never to biases or batch-norm
@@ -41,14 +41,15 @@ class SGD:
     """Plain gradient descent: p <- p - eta * g (weights: g + 2 * lam * W)."""
 
     def step(self, params, grads, eta: float, lam: float) -> None:
+        # whole arrays, not _blocks: 3 passes gain little from blocking, and the small
+        # nets of the reports would pay its per-array cost (~1% of an epoch)
         decay = 1.0 - 2.0 * eta * lam  # W - eta * (g + 2 lam W), without a temporary
         for name, g in grads.items():
-            weight = is_weight(name)
-            for p, g_ in _blocks(params[name], g):
-                if lam and weight:
-                    p *= decay
-                g_ *= eta
-                p -= g_
+            p = params[name]
+            if lam and is_weight(name):
+                p *= decay
+            g *= eta
+            p -= g
 
 
 @dataclass
@@ -195,19 +196,23 @@ def _scratch_for(params) -> np.ndarray:
 BLOCK = 131_072  # elements (512 KB of float32): the arrays of a block stay in cache
 
 
-def _blocks(*arrays, scratch=None):
-    """Matching flat views of `arrays` (same size, C-contiguous), BLOCK elements at a
-    time, with as large a view of `scratch` (flat, >= BLOCK) if given.
+def _blocks(*arrays, scratch=None) -> list:
+    """Matching views of `arrays` (same shape), BLOCK elements at a time, with as large
+    a view of `scratch` (flat, >= BLOCK) if given; arrays of one block whole.
 
     An optimiser's passes over a 3072x1024 layer would each stream ~12 MB per array
     from memory; block by block they all run on data in cache. The work is element-wise,
     so the result is the same bit for bit."""
+    n = arrays[0].size
+    if n <= BLOCK:  # most arrays of small nets: no slicing, no per-block overhead
+        whole = arrays if scratch is None else (*arrays, scratch[:n].reshape(arrays[0].shape))
+        return [whole]
     if not all(a.flags.c_contiguous for a in arrays):
         raise ValueError("optimiser arrays must be C-contiguous: a flat view of any "
                          "other would be a copy, and the update would be lost")
     flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].size
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        views = [a[start:stop] for a in flat]
-        yield (*views, scratch[:stop - start]) if scratch is not None else tuple(views)
+    blocks = [[a[start:start + BLOCK] for a in flat] for start in range(0, n, BLOCK)]
+    if scratch is not None:
+        for views in blocks:
+            views.append(scratch[:views[0].size])
+    return blocks
