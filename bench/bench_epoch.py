@@ -7,12 +7,13 @@ through `mlplab.trainer.train` itself (shuffle, batching and the update steps; t
 evaluation is timed separately), and in the same run the matrix products alone: the
 work no trainer can skip. For the plain-SGD nets that floor is layer 1's products
 (forward X_b @ W1 and backward X_b^T @ dS1 for every batch). For the toolbox net
-(best_mlp's 3072-1024-1024-10 with BN, dropout, flip-and-translate augmentation and
-Nesterov momentum) it is every layer's forward, weight-gradient and input-gradient products, and the
-augmentation is also timed alone. `epoch / products` says how close to its floor the
-trainer is. With --torch (and PyTorch installed: `pip install torch==2.13.0`, for the bench
-only) an eager PyTorch loop doing the same updates is timed too; for the toolbox net
-it augments with mlplab's own FlipTranslate, so both do the same work.
+(best_mlp's 3072-1024-1024-10 with BN, flip-and-translate augmentation and Nesterov
+momentum, plus dropout 0.1) it is every layer's forward, weight-gradient and
+input-gradient products; its augmentation and optimiser steps are also timed alone.
+`epoch / products` says how close to its floor the trainer is. With --torch (and
+PyTorch installed: `pip install torch==2.13.0`, for the bench only) an eager PyTorch
+loop doing the same updates is timed too; for the toolbox net it augments with
+mlplab's own FlipTranslate, so both do the same work.
 Every figure is the median of --repeats runs, taken in one process.
 Synthetic standard-normal data by default: speed does not depend on pixel values.
 """
@@ -33,8 +34,8 @@ NETWORKS = {  # name: (hidden sizes, batch norm)
     "3072-50-50-10 BN": ([50, 50], True),
     "9-layer BN": ([50, 30, 20, 20, 10, 10, 10, 10], True),
 }
-# the toolbox net: best_mlp's network and update, every new piece on at once
-TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout 0.1, flip_translate, Nesterov (best_mlp)"
+# the toolbox net: best_mlp's network and update with every new piece on, dropout too
+TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout 0.1, flip_translate, Nesterov"
 TOOLBOX_HIDDEN, TOOLBOX_DROPOUT, TOOLBOX_MAX_SHIFT, TOOLBOX_MOMENTUM = [1024, 1024], 0.1, 4, 0.9
 ETA, LAM = 0.01, 1e-3
 
@@ -96,6 +97,22 @@ def augmentation(ds, seed) -> float:
     for b in range(N_TRAIN // BATCH):
         aug(ds.X_train[order[b * BATCH:(b + 1) * BATCH]], rng)
     return time.perf_counter() - t0
+
+
+def update(seed) -> float:
+    """Seconds for an epoch of the toolbox net's optimiser steps alone (Nesterov, L2),
+    each on fresh gradients as the trainer's are (copying them is not timed)."""
+    rng = np.random.default_rng(seed)
+    net = network.init_network(D, TOOLBOX_HIDDEN, K, bn=True, rng=seed)
+    grads = {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in net.params.items()}
+    opt = optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM, nesterov=True)
+    seconds = 0.0
+    for _ in range(N_TRAIN // BATCH):
+        fresh = {k: g.copy() for k, g in grads.items()}
+        t0 = time.perf_counter()
+        opt.step(net.params, fresh, ETA, LAM)
+        seconds += time.perf_counter() - t0
+    return seconds
 
 
 def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
@@ -164,6 +181,7 @@ def main() -> None:
                "floor": "all layers" if toolbox else "layer 1"}
         if toolbox:
             row["augment"] = median(lambda seed: augmentation(ds, seed), args.repeats)
+            row["update"] = median(update, args.repeats)
         if args.torch:
             torch_epoch(ds, hidden, bn, seed=0, toolbox=toolbox)
             row["torch"] = median(lambda seed, h=hidden, b=bn, t=toolbox:
@@ -173,17 +191,18 @@ def main() -> None:
     print(f"median of {args.repeats}, {N_TRAIN} rows, batch {BATCH}, "
           f"{'real data' if args.data else 'synthetic data'}")
     head = ("| network | mlplab s/epoch | products s (floor) | epoch / products | "
-            "augmentation s | eval s |")
-    sep = "|---|---|---|---|---|---|"
+            "optimiser steps s | augmentation s | eval s |")
+    sep = "|---|---|---|---|---|---|---|"
     if args.torch:
         head += " PyTorch eager s/epoch | PyTorch / mlplab |"
         sep += "---|---|"
     print(head)
     print(sep)
     for r in rows:
-        aug = f"{r['augment']:.3f} ({r['augment'] / r['epoch']:.0%})" if "augment" in r else "-"
+        aug, upd = (f"{r[k]:.3f} ({r[k] / r['epoch']:.0%})" if k in r else "-"
+                    for k in ("augment", "update"))
         line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
-                f"{r['epoch'] / r['products']:.2f} | {aug} | {r['eval']:.3f} |")
+                f"{r['epoch'] / r['products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")
         if args.torch:
             line += f" {r['torch']:.3f} | {r['torch'] / r['epoch']:.2f} |"
         print(line)
