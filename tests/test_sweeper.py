@@ -408,6 +408,15 @@ def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_mean
     assert sorted(h.step for h in history) == [0, 1]
     finals = [r for r in children if r.data.tags["stage"] == "final"]
     assert sorted(r.data.params["train.seed"] for r in finals) == ["0", "0", "1", "1"]
+    assert (parent.data.tags["final.top_m"], parent.data.tags["final.seeds"]) == ("2", "2")
+
+    # a resume may ask for more seeds: only the new slots run, and the parent says so
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 3}]",
+        "hydra.sweeper.final.top_m=2", "hydra.sweeper.final.seeds=3"))
+    assert len(_studies(tmp_path)["final"].get_trials(states=[TrialState.COMPLETE])) == 6
+    _, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.data.tags["final.seeds"] == "3" and parent.data.metrics["final_seeds"] == 3
 
 
 def test_a_rerun_retries_a_final_retrain_that_failed_and_nothing_else(

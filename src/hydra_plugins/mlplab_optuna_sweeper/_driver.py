@@ -202,10 +202,10 @@ class Sweep:
             "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
             "pruner": " ".join(f"{k}={v}" for k, v in self.pruner.items()),
             "fixed_overrides": " ".join(fixed),
-            **({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds}
-               if s.final is not None else {}),
             **{f"space.{p.name}": _space.describe(p) for p in params},
             **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
+        if s.final is not None:  # tags, not write-once params: a resume may change them
+            parent.set_tags({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds})
         status, records = "FAILED", []
         try:
             with terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
