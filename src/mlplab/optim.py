@@ -198,18 +198,21 @@ BLOCK = 131_072  # elements (512 KB of float32): the arrays of a block stay in c
 
 def _blocks(*arrays, scratch=None) -> list:
     """Matching views of `arrays` (same shape), BLOCK elements at a time, with as large
-    a view of `scratch` (flat, >= BLOCK) if given; arrays of one block whole.
+    a view of `scratch` (flat, >= BLOCK) if given; an array of one block, or one that is
+    not C-contiguous, whole.
 
     An optimiser's passes over a 3072x1024 layer would each stream ~12 MB per array
     from memory; block by block they all run on data in cache. The work is element-wise,
     so the result is the same bit for bit."""
     n = arrays[0].size
-    if n <= BLOCK:  # most arrays of small nets: no slicing, no per-block overhead
-        whole = arrays if scratch is None else (*arrays, scratch[:n].reshape(arrays[0].shape))
-        return [whole]
-    if not all(a.flags.c_contiguous for a in arrays):
-        raise ValueError("optimiser arrays must be C-contiguous: a flat view of any "
-                         "other would be a copy, and the update would be lost")
+    if n <= BLOCK or not all(a.flags.c_contiguous for a in arrays):
+        # whole: one block, or an array whose flat view would be a copy (the update
+        # would be lost), which then gets a temporary scratch of its own
+        if scratch is None:
+            return [arrays]
+        shape = arrays[0].shape
+        s = scratch[:n].reshape(shape) if n <= BLOCK else np.empty(shape, scratch.dtype)
+        return [(*arrays, s)]
     flat = [a.reshape(-1) for a in arrays]
     blocks = [[a[start:start + BLOCK] for a in flat] for start in range(0, n, BLOCK)]
     if scratch is not None:

@@ -204,10 +204,10 @@ class Sweep:
             "fixed_overrides": " ".join(fixed),
             **{f"space.{p.name}": _space.describe(p) for p in params},
             **{f"{st.study_suffix}.overrides": " ".join(st.overrides) for st in stages}})
-        if s.final is not None:  # tags, not write-once params: a resume may change them
-            parent.set_tags({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds})
         status, records = "FAILED", []
         try:
+            if s.final is not None:  # tags, not write-once params: a resume may change them
+                parent.set_tags({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds})
             with terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
                 for stage in stages:
                     ctx = self._open_stage(stage, storage, storage_url, name, fixed, parent,
