@@ -53,12 +53,15 @@ def real_dataset(path, md5) -> data.Dataset:
     return data.load_dataset(split="all", n_val=N_VAL, url=path, md5=md5)
 
 
+def toolbox_optimizer():
+    return optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM, nesterov=True)
+
+
 def mlplab_epoch(ds, hidden, bn, seed, toolbox=False) -> tuple[float, float]:
     """(seconds for one epoch of updates, seconds for the two evaluations)."""
     options = {}
     if toolbox:
-        options = {"optimizer": optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM,
-                                                        nesterov=True),
+        options = {"optimizer": toolbox_optimizer(),
                    "augment": augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)}
     net = network.init_network(D, hidden, K, bn=bn, rng=seed,
                                dropout=TOOLBOX_DROPOUT if toolbox else 0.0)
@@ -105,7 +108,7 @@ def update(seed) -> float:
     rng = np.random.default_rng(seed)
     net = network.init_network(D, TOOLBOX_HIDDEN, K, bn=True, rng=seed)
     grads = {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in net.params.items()}
-    opt = optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM, nesterov=True)
+    opt = toolbox_optimizer()
     seconds = 0.0
     for _ in range(N_TRAIN // BATCH):
         fresh = {k: g.copy() for k, g in grads.items()}

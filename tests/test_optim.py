@@ -174,6 +174,7 @@ def test_block_by_block_update_equals_the_whole_array_update_bit_for_bit(
         np.testing.assert_array_equal(fortran[k], whole[k], err_msg=k)
         assert not np.array_equal(blocked[k], start[k])
 
+
 def test_make_optimizer_builds_each_name_with_its_own_settings():
     assert isinstance(optim.make_optimizer("sgd"), optim.SGD)
     mom = optim.make_optimizer("momentum", momentum=0.8, nesterov=True)

@@ -152,6 +152,7 @@ class Adam:
                 g_ *= step_size
                 p -= g_
 
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 ADAMW_WEIGHT_DECAY = 1e-2  # adamw's default decoupled decay, as in PyTorch
 # settings each name accepts, beyond the learning rate (the schedule's) and lam
