@@ -14,15 +14,19 @@ input-gradient products; its augmentation and optimiser steps are also timed alo
 PyTorch installed: `pip install torch==2.13.0`, for the bench only) an eager PyTorch
 loop doing the same updates is timed too; for the toolbox net it augments with
 mlplab's own FlipTranslate, so both do the same work.
-Every figure is the median of --repeats runs, taken in one process.
+Every figure is the median of --repeats rounds in one process, each round timing every
+part once (interleaved, so a slow spell of the machine hits a round, not one part);
+the ratios are medians of each round's ratio.
 Synthetic standard-normal data by default: speed does not depend on pixel values.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
+from functools import partial
+from statistics import median
 
 import numpy as np
 
@@ -156,8 +160,18 @@ def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
     return time.perf_counter() - t0
 
 
-def median(f, repeats) -> float:
-    return statistics.median(f(seed=r) for r in range(repeats))
+def rounds(timers: dict[str, Callable[[int], object]], repeats: int) -> dict[str, list]:
+    """Each timer once per round (seed = the round), for `repeats` rounds after a
+    warm-up round. This machine's speed can change 2x for minutes at a time: timed
+    back to back, such a spell falls on one timer and skews its ratio to the others;
+    interleaved, it falls on a round, and a round's ratios still hold."""
+    for timer in timers.values():
+        timer(repeats)  # warm-up: caches, threads, PyTorch's kernels
+    times: dict[str, list] = {key: [] for key in timers}
+    for r in range(repeats):
+        for key, timer in timers.items():
+            times[key].append(timer(r))
+    return times
 
 
 def main() -> None:
@@ -173,22 +187,27 @@ def main() -> None:
     cases = [(name, hidden, bn, False) for name, (hidden, bn) in NETWORKS.items()]
     cases.append((TOOLBOX_NAME, TOOLBOX_HIDDEN, True, True))
     for name, hidden, bn, toolbox in cases:
-        mlplab_epoch(ds, hidden, bn, seed=0, toolbox=toolbox)  # warm-up: caches, threads
-        runs = [mlplab_epoch(ds, hidden, bn, seed=r, toolbox=toolbox)
-                for r in range(args.repeats)]
         sizes = [D, *hidden, K] if toolbox else [D, hidden[0]]
-        row = {"network": name,
-               "epoch": statistics.median(r[0] for r in runs),
-               "eval": statistics.median(r[1] for r in runs),
-               "products": median(lambda seed, s=sizes: products(ds, s, seed), args.repeats),
-               "floor": "all layers" if toolbox else "layer 1"}
+        timers = {"mlplab": partial(mlplab_epoch, ds, hidden, bn, toolbox=toolbox),
+                  "products": partial(products, ds, sizes)}
         if toolbox:
-            row["augment"] = median(lambda seed: augmentation(ds, seed), args.repeats)
-            row["update"] = median(update, args.repeats)
+            timers |= {"augment": partial(augmentation, ds), "update": update}
         if args.torch:
-            torch_epoch(ds, hidden, bn, seed=0, toolbox=toolbox)
-            row["torch"] = median(lambda seed, h=hidden, b=bn, t=toolbox:
-                                  torch_epoch(ds, h, b, seed, t), args.repeats)
+            timers["torch"] = partial(torch_epoch, ds, hidden, bn, toolbox=toolbox)
+        times = rounds(timers, args.repeats)
+        epochs = [epoch for epoch, _ in times["mlplab"]]
+        row = {"network": name, "epoch": median(epochs),
+               "eval": median(ev for _, ev in times["mlplab"]),
+               "products": median(times["products"]),
+               "floor": "all layers" if toolbox else "layer 1",
+               # ratios within each round, then their median
+               "over_products": median(e / p for e, p in zip(epochs, times["products"],
+                                                              strict=True))}
+        row |= {key: median(times[key]) for key in ("augment", "update", "torch")
+                if key in times}
+        if args.torch:
+            row["torch_ratio"] = median(t / e for t, e in zip(times["torch"], epochs,
+                                                              strict=True))
         rows.append(row)
 
     print(f"median of {args.repeats}, {N_TRAIN} rows, batch {BATCH}, "
@@ -205,9 +224,9 @@ def main() -> None:
         aug, upd = (f"{r[k]:.3f} ({r[k] / r['epoch']:.0%})" if k in r else "-"
                     for k in ("augment", "update"))
         line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
-                f"{r['epoch'] / r['products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")
+                f"{r['over_products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")
         if args.torch:
-            line += f" {r['torch']:.3f} | {r['torch'] / r['epoch']:.2f} |"
+            line += f" {r['torch']:.3f} | {r['torch_ratio']:.2f} |"
         print(line)
 
 

@@ -365,7 +365,10 @@ def test_a_bad_pruner_setting_is_refused_before_anything_is_recorded(
                           "allowed ['none', 'median', 'successive_halving', 'hyperband']"),
                          ("hydra.sweeper.pruner=hyperband "
                           "hydra.sweeper.pruning.reduction_factor=1",
-                          "hydra.sweeper.pruning.reduction_factor=1: allowed an int >= 2")]:
+                          "hydra.sweeper.pruning.reduction_factor=1: allowed an int >= 2"),
+                         ("hydra.sweeper.final.choose_in=stage1",
+                          "hydra.sweeper.final.choose_in='stage1': allowed ['final', "
+                          "'last_stage']")]:
         with pytest.raises(SystemExit) as exit_:
             _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
                                                      *bad.split()))
@@ -417,6 +420,51 @@ def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_mean
     assert len(_studies(tmp_path)["final"].get_trials(states=[TrialState.COMPLETE])) == 6
     _, parent, _ = _parent_and_children(tracking_uri)
     assert parent.data.tags["final.seeds"] == "3" and parent.data.metrics["final_seeds"] == 3
+
+
+def test_choosing_in_the_last_stages_setting_retrains_only_the_winner_with_the_final_overrides(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    search = ("hydra.sweeper.stages=[{n_trials: 3}]", "hydra.sweeper.final.top_m=2",
+              "hydra.sweeper.final.seeds=2")
+    _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri, *search,
+                                             "hydra.sweeper.final.choose_in=last_stage"))
+    studies = _studies(tmp_path)
+    top = sorted(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
+                 key=lambda t: (-t.value, t.number))[:2]
+    compared = studies["choose"].get_trials(states=[TrialState.COMPLETE])
+    # each candidate's stage trial is its seed 0: only seed 1 is retrained
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in compared) == \
+        sorted((t.params["lam"], 1) for t in top)
+    means = {t.params["lam"]: (t.value + next(c.value for c in compared
+                                              if c.params["lam"] == t.params["lam"])) / 2
+             for t in top}
+    winner = max(means, key=means.get)
+    final = studies["final"].get_trials(states=[TrialState.COMPLETE])
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
+        [(winner, 0), (winner, 1)], "only the winner retrains with the final overrides"
+
+    client, parent, children = _parent_and_children(tracking_uri)
+    m = parent.data.metrics
+    assert m["final_test_acc"] == pytest.approx(
+        sum(t.user_attrs["test_acc"] for t in final) / 2)
+    assert m["final_val_acc"] == pytest.approx(sum(t.value for t in final) / 2)
+    assert m["final_seeds"] == 2 and parent.data.tags["best.lam"] == str(winner)
+    history = client.get_metric_history(parent.info.run_id, "candidate_val_acc")
+    assert sorted(h.value for h in history) == pytest.approx(sorted(means.values()))
+    by_stage = {}
+    for r in children:
+        by_stage.setdefault(r.data.tags["stage"], []).append(r)
+    assert {r.data.params["data.n_val"] for r in by_stage["choose"]} == {"30"}  # stage's
+    assert {r.data.params["data.n_val"] for r in by_stage["final"]} == {"20"}
+    assert {r.data.params["train.seed"] for r in by_stage["0"]} == {"0"}
+    assert parent.data.tags["final.choose_in"] == "last_stage"
+
+    # a resume may compare in the final setting instead: the winner's retrains are kept
+    _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri, *search))
+    final = _studies(tmp_path)["final"].trials
+    assert len(final) == 4 and {t.state for t in final} == {TrialState.COMPLETE}
+    _, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["final.choose_in"] == "final"
 
 
 def test_a_rerun_retries_a_final_retrain_that_failed_and_nothing_else(

@@ -62,6 +62,14 @@ def test_progress_is_reported_every_so_many_steps_and_can_stop_training(digits):
     assert seen == [trainer.PROGRESS_EVERY * k for k in (1, 2, 3)]
 
 
+def test_on_eval_stops_training_early_but_a_stop_at_the_last_step_is_a_complete_run(digits):
+    _, cut = _train(digits, cycles=2, on_eval=lambda rec: rec["step"] == 50)
+    assert (cut.steps, cut.stopped, cut.history[-1]["step"]) == (50, True, 50)
+    # a pruner asked at the last evaluation: nothing was cut short
+    _, full = _train(digits, cycles=2, on_eval=lambda rec: rec["step"] == 200)
+    assert (full.steps, full.stopped) == (200, False)
+
+
 def test_eval_steps_always_end_at_the_last_step():
     assert trainer.eval_steps(25, 10) == [0, 10, 20, 25]
     assert trainer.eval_steps(20, 10) == [0, 10, 20]

@@ -38,6 +38,7 @@ SWEEP_TAG = "mlplab.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 TRIALS_ARTIFACT = "trials.csv"
 FINAL_STAGE = "final"  # the sweep's retrain of its best trial, a row of trials.csv
+CHOOSE_STAGE = "choose"  # its candidates' retrains with other seeds: not search points
 # trials.csv's columns that are not searched parameters (train.seed: the final's seeds)
 TRIALS_COLUMNS = ("stage", "number", "state", "value", "test_acc", "pruned_at", "train.seed")
 ACCURACIES = (("train", "final_train_acc"), ("val", "final_val_acc"), ("test", "test_acc"))
@@ -278,7 +279,7 @@ def find_search(client: MlflowClient, experiment: str | None = None) -> Search |
                   and r["value"] not in ("", "nan") and r[param] != ""]
         # the final retrain validates on other rows: not comparable with the stages
         final = next((t for t in trials if t["stage"] == FINAL_STAGE), None)
-        trials = [t for t in trials if t["stage"] != FINAL_STAGE]
+        trials = [t for t in trials if t["stage"] not in (FINAL_STAGE, CHOOSE_STAGE)]
         chosen = run.data.tags.get(f"best.{param}")
         if final is not None and chosen is not None:  # the chosen candidate's seeds' mean
             final = {param: float(chosen), "value": run.data.metrics["final_val_acc"],

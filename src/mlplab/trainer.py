@@ -126,7 +126,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     t_train = t_eval = 0.0
 
     def evaluate_at(step: int) -> bool:
-        """Evaluate; True if on_eval asks to stop."""
+        """Evaluate; True if on_eval asks to stop before the end (at the last step
+        there is nothing left to stop: the run is complete)."""
         nonlocal t_eval
         t0 = time.perf_counter()
         rec = {"step": step, "epoch": step / per_epoch,
@@ -136,7 +137,7 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
         if not math.isfinite(rec["train_cost"]):
             raise Diverged(step, rec["train_cost"])
         history.append(rec)
-        return bool(on_eval and on_eval(rec))
+        return bool(on_eval and on_eval(rec)) and step < total
 
     bar = _progress_bar(total, progress)
     next_eval = iter(checkpoints)

@@ -4,6 +4,9 @@
     stage i:  log intervals narrowed to the best top_k of stage i-1, its own overrides
     final:    the best top_m trials of the last stage, retrained with the final
               overrides and `seeds` seeds each; the best mean validation accuracy wins
+              (final.choose_in=last_stage: they are compared first in the last stage's
+              setting, study NAME.choose, each one's stage trial its first seed; then
+              only the winner retrains with the final overrides)
     summary:  trials.csv, plots, best values on the MLflow parent run
 
 Each stage is its own Optuna study (its objective differs: more cycles, other data),
@@ -28,8 +31,9 @@ Resuming (the same study_name and storage) requires the same search: direction,
 space, top_k, margin, pruner, the stages and their overrides, as stored on the study
 NAME.
 A stage's n_trials may grow (its finished trials still count) until the next stage
-has started from it; it may not shrink. Other overrides are not compared (paths
-differ between machines): keep them as they were.
+has started from it; it may not shrink. The final step's top_m, seeds and choose_in
+may change: its retrains are slots, and those already done are kept. Other overrides
+are not compared (paths differ between machines): keep them as they were.
 """
 
 from __future__ import annotations
@@ -51,14 +55,16 @@ from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
 
-from . import _pruning, _space, _studies
+from . import _pruning, _records, _space, _studies
 from ._records import (
+    CHOOSE,
     FINAL,
     MAX_TAG_LENGTH,
     PRUNED_AT,
     TEST_ACC,
     ParentRun,
     StageRecord,
+    choose,
     run_name,
 )
 from ._space import Param
@@ -68,6 +74,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
+CHOOSE_IN = ("final", "last_stage")  # where the final step compares its candidates
 SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
 WORKER_LOST = "worker lost"  # the failure of a stale trial's run: its worker stopped
 
@@ -85,7 +92,12 @@ class Stage:
 
     @property
     def study_suffix(self) -> str:
-        return FINAL if self.label == FINAL else f"stage{self.label}"
+        return self.label if self.retrains else f"stage{self.label}"
+
+    @property
+    def retrains(self) -> bool:
+        """The final step's (choose, final): slots of chosen trials, not sampled."""
+        return self.label in (CHOOSE, FINAL)
 
 
 def plan(s: DictConfig) -> list[Stage]:
@@ -98,8 +110,11 @@ def plan(s: DictConfig) -> list[Stage]:
             raise ConfigError(f"hydra.sweeper.stages[{i}].n_trials={n}: must be >= 1")
         out.append(Stage(str(i), i, n, list(st.overrides)))
     if s.final is not None:
-        out.append(Stage(FINAL, len(stages), s.final.top_m * s.final.seeds,
-                         list(s.final.overrides)))
+        if s.final.choose_in == "last_stage":
+            out.append(Stage(CHOOSE, len(out), s.final.top_m * (s.final.seeds - 1),
+                             out[-1].overrides))
+        out.append(Stage(FINAL, len(out), s.final.seeds if s.final.choose_in == "last_stage"
+                         else s.final.top_m * s.final.seeds, list(s.final.overrides)))
     return out
 
 
@@ -120,6 +135,8 @@ def check(s: DictConfig) -> None:
     if s.final is not None:
         require(s.final.top_m >= 1, f"final.top_m={s.final.top_m}: must be >= 1")
         require(s.final.seeds >= 1, f"final.seeds={s.final.seeds}: must be >= 1")
+        require(s.final.choose_in in CHOOSE_IN,
+                f"final.choose_in={s.final.choose_in!r}: allowed {list(CHOOSE_IN)}")
     _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
     _pruning.describe(s.pruner, s.pruning)
 
@@ -207,15 +224,17 @@ class Sweep:
         status, records = "FAILED", []
         try:
             if s.final is not None:  # tags, not write-once params: a resume may change them
-                parent.set_tags({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds})
+                parent.set_tags({"final.top_m": s.final.top_m, "final.seeds": s.final.seeds,
+                                "final.choose_in": s.final.choose_in})
             with terminate_as_interrupt(), Heartbeat(s.heartbeat_seconds) as heartbeat:
                 for stage in stages:
                     ctx = self._open_stage(stage, storage, storage_url, name, fixed, parent,
                                            heartbeat)
-                    record = self._run_final(ctx, params, records[-1]) \
-                        if stage.label == FINAL else self._run_stage(ctx, params, records)
+                    record = self._run_retrains(ctx, records) if stage.retrains \
+                        else self._run_stage(ctx, params, records)
                     records.append(record)
-                    if not record.complete():
+                    # a choose step with nothing to retrain compares the stage's trials
+                    if not record.complete() and (record.trials or not record.reused):
                         raise SweepFailed(
                             f"stage {stage.label}: none of its {len(record.trials)} trials "
                             "completed (failures: see the log and the trials' runs in "
@@ -266,7 +285,10 @@ class Sweep:
         stored = {"pruner": {"name": "none"}, **stored}  # from before pruning existed
         diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items()
                  if k != "stages" and stored.get(k) != v]
-        old, new = stored.get("stages", []), wanted["stages"]
+        # the final step may start or stop comparing in the last stage's setting: its
+        # retrains are slots keyed by their params, which mean the same either way
+        old, new = ([st for st in stages if st["stage"] != CHOOSE]
+                    for stages in (stored.get("stages", []), wanted["stages"]))
         if [st["stage"] for st in old] != [st["stage"] for st in new]:
             diffs.append(f"stages {[st['stage'] for st in old]} -> "
                          f"{[st['stage'] for st in new]}")
@@ -282,10 +304,12 @@ class Sweep:
                 diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
                              f"{now['n_trials']} (a budget may grow, not shrink)")
             elif now["n_trials"] > was["n_trials"] and i + 1 < len(new):
-                after = Stage(new[i + 1]["stage"], i + 1, 0, [])
-                if _studies.exists(storage, f"{name}.{after.study_suffix}"):
+                after = new[i + 1]["stage"]
+                started = [a for a in ([CHOOSE, FINAL] if after == FINAL else [after])
+                           if _studies.exists(storage, f"{name}.{Stage(a, 0, 0, []).study_suffix}")]
+                if started:
                     diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
-                                 f"{now['n_trials']} (stage {after.label} already started "
+                                 f"{now['n_trials']} (stage {started[0]} already started "
                                  "from its trials)")
         if diffs:
             raise ConfigError(
@@ -303,7 +327,7 @@ class Sweep:
         study, _ = _studies.open_study(storage, study_name, s.direction)
         study.sampler = _studies.make_sampler(s.sampler, None) if s.seed is None else \
             _studies.SeededPerTrial(s.sampler, lambda n: self._seed(stage, n))
-        prunes = stage.label != FINAL and self.pruner["name"] != "none"
+        prunes = not stage.retrains and self.pruner["name"] != "none"
         if prunes:  # for the jobs' pruner; Hyperband's brackets also steer the sampler
             study.set_user_attr(_pruning.PRUNER_ATTR, self.pruner)
             study.pruner = _pruning.make_pruner(self.pruner)
@@ -369,18 +393,31 @@ class Sweep:
             time.sleep(min(self.s.heartbeat_seconds, POLL_SECONDS))
         return bool(running)
 
-    def _run_final(self, ctx: StageRun, params: list[Param],
-                   last: StageRecord) -> StageRecord:
-        """Retrain the last stage's best top_m with `seeds` seeds each. Each (candidate,
-        seed) is a slot, run until a trial of it completes; one that failed in this run
-        is not retried before a re-run."""
-        s = self.s
-        candidates = [t.params for t in last.top(s.final.top_m, self.maximize)]
+    def _run_retrains(self, ctx: StageRun, records: list[StageRecord]) -> StageRecord:
+        """The final step's retrains, `seeds` seeds each (train.seed, +1, ...) with the
+        stage's overrides: of the last stage's best top_m (stage choose, or final
+        without one), or of the choose step's winner. A choose step reuses each
+        candidate's stage trial as its first seed. Each (candidate, seed) is a slot, run
+        until a trial of it completes; one that failed in this run is not retried
+        before a re-run."""
+        s, label = self.s, ctx.stage.label
+        last = next(r for r in reversed(records) if r.label != CHOOSE)
+        top = last.top(s.final.top_m, self.maximize)
+        candidates = [t.params for t in top]
         base = self.compose([*ctx.fixed, *ctx.stage.overrides]).train.seed
-        slots = [_space.seeded(last.params, c, base + i)
-                 for c in candidates for i in range(s.final.seeds)]
-        log.info("final: the best %d of stage %s, %d seed(s) each", len(candidates),
-                 last.label, s.final.seeds)
+        seeds, reused = [base + i for i in range(s.final.seeds)], []
+        if label == CHOOSE:  # one candidate needs no comparing
+            reused, seeds = top, seeds[1:] if len(top) > 1 else []
+            log.info("choose: the best %d of stage %s, %d seed(s) each in its setting "
+                     "(its trials are the first)", len(top), last.label, s.final.seeds)
+        elif records[-1].label == CHOOSE:
+            candidates = [choose(_records.candidates(records[-1]), self.maximize).params]
+            log.info("final: %s retrained with the final overrides, %d seed(s)",
+                     candidates[0], len(seeds))
+        else:
+            log.info("final: the best %d of stage %s, %d seed(s) each", len(candidates),
+                     last.label, len(seeds))
+        slots = [_space.seeded(last.params, c, seed) for c in candidates for seed in seeds]
         keys = [_slot_key(_space.point(slot)) for slot in slots]
         tried: set = set()
 
@@ -411,7 +448,8 @@ class Sweep:
             elif not self._wait_for_others(ctx):
                 break
         trials = [t for t in ctx.ledger.finished() if _slot_key(t.params) in set(keys)]
-        return StageRecord(FINAL, slots[0], trials, candidates=candidates)
+        return StageRecord(label, _space.seeded(last.params, candidates[0], base), trials,
+                           candidates=candidates, reused=reused)
 
     def _seed(self, stage: Stage, number: int) -> int | None:
         return None if self.s.seed is None else \

@@ -11,7 +11,8 @@ and best.<param> (the sweep's answer), artifacts trials.csv (stage, number, stat
 value, test_acc, pruned_at, one column per parameter) and
 accuracy_vs_<param>_stage<i>.png, metrics final_val_acc, final_test_acc (means over
 the chosen candidate's seeds, with _sd) and best_<param>; the final retrains' child
-runs have tag stage=final.
+runs have tag stage=final (the candidates' retrains when they are compared in the last
+stage's setting: stage=choose).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
 FINAL = "final"
+CHOOSE = "choose"  # the final step's comparison in the last stage's setting
 TEST_ACC = "test_acc"  # the job's test accuracy, kept on its trial
 PRUNED_AT = "pruned_at"  # the update step a pruned trial stopped at
 TABLE_COLUMNS = ("stage", "number", "state", "value", TEST_ACC, PRUNED_AT)
@@ -52,6 +54,8 @@ class StageRecord:
     params: list[Param]
     trials: list[FrozenTrial]
     candidates: list[dict] | None = None  # the final step's: the params it retrained
+    # choose: the last stage's trials of the candidates, each one's first seed
+    reused: list[FrozenTrial] = field(default_factory=list)
 
     def complete(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE]
@@ -82,9 +86,9 @@ class Candidate:
 
 def candidates(final: StageRecord) -> list[Candidate]:
     """The final step's candidates, in rank order of the last stage, each with the
-    accuracies of its complete retrains (the newest per seed)."""
+    accuracies of its complete retrains (the newest per seed) and reused trials."""
     newest: dict[tuple, FrozenTrial] = {}
-    for t in sorted(final.complete(), key=lambda t: t.number):
+    for t in [*final.reused, *sorted(final.complete(), key=lambda t: t.number)]:
         newest[tuple(sorted(t.params.items()))] = t
     out = []
     for params in final.candidates or []:
@@ -223,7 +227,7 @@ class ParentRun:
         """trials.csv, a plot per stage and numeric parameter, best value and params
         per stage (metrics stepped by stage), and the final step's candidates."""
         names = list(dict.fromkeys(p.name for r in records for p in r.params))
-        searched = [r for r in records if r.label != FINAL]
+        searched = [r for r in records if r.label not in (CHOOSE, FINAL)]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             table = tmp / "trials.csv"
@@ -246,18 +250,22 @@ class ParentRun:
             if searched and searched[-1].complete() else None
         final = next((r for r in records if r.label == FINAL), None)
         if final is not None:
-            chosen = self._write_final(final, maximize)
+            compared = next((r for r in records if r.label == CHOOSE), final)
+            chosen = self._write_final(compared, final, maximize)
             if chosen is not None:
                 answer = chosen.params
                 self.log_metrics(_numbers("best_", answer), step=len(searched))
         if answer is not None:  # tags, not params: a resumed sweep may change its answer
             self.set_tags({f"best.{k}": v for k, v in answer.items()})
 
-    def _write_final(self, final: StageRecord, maximize: bool) -> Candidate | None:
-        """Each candidate's mean and spread of validation accuracy over its seeds
-        (metrics stepped by rank, a candidate<i> tag naming it) and the chosen one's
-        validation and test accuracy: final_val_acc, final_test_acc (means), _sd."""
-        cands = candidates(final)
+    def _write_final(self, compared: StageRecord, final: StageRecord,
+                     maximize: bool) -> Candidate | None:
+        """Each candidate's mean and spread of validation accuracy over its seeds in
+        `compared` (metrics stepped by rank, a candidate<i> tag naming it) and the
+        chosen one's validation and test accuracy in `final` (the same record, or the
+        retrains of the winner of a `choose` record): final_val_acc, final_test_acc
+        (means), _sd."""
+        cands = candidates(compared)
         for i, c in enumerate(cands):
             self.set_tags({f"candidate{i}": " ".join(f"{k}={v}" for k, v in c.params.items())})
             if c.val:
@@ -265,6 +273,12 @@ class ParentRun:
                                   "candidate_val_acc_sd": Candidate.spread(c.val),
                                   "candidate_seeds": len(c.val)}, step=i)
         chosen = choose(cands, maximize)
+        if chosen is not None and compared is not final:
+            log.info("final: chose %s, validation %.4f over %d seed(s) in the last "
+                     "stage's setting", chosen.params, statistics.fmean(chosen.val),
+                     len(chosen.val))
+            chosen = next((c for c in candidates(final) if c.params == chosen.params
+                           and c.val), None)  # its retrains with the final overrides
         if chosen is None:
             return None
         test = statistics.fmean(chosen.test) if chosen.test else None
@@ -273,7 +287,8 @@ class ParentRun:
                           "final_test_acc": test,
                           "final_test_acc_sd": Candidate.spread(chosen.test),
                           "final_seeds": len(chosen.val)})
-        log.info("final: chose %s, validation %.4f over %d seed(s)%s", chosen.params,
+        log.info("final: %s %s, validation %.4f over %d seed(s)%s",
+                 "chose" if compared is final else "retrained", chosen.params,
                  statistics.fmean(chosen.val), len(chosen.val),
                  f", test {test:.4f}" if test is not None else "")
         if test is None:
@@ -292,9 +307,9 @@ class ParentRun:
 
 
 def run_name(stage: str, number: int, params: dict | None = None) -> str:
-    """'stage0-trial3 lam=0.00123' (the final retrain: 'final lam=...'): the runs list
-    says which trial it is and what it tried."""
-    name = FINAL if stage == FINAL else f"stage{stage}-trial{number}"
+    """'stage0-trial3 lam=0.00123' (the final step's retrains: 'final lam=...',
+    'choose lam=...'): the runs list says which trial it is and what it tried."""
+    name = stage if stage in (CHOOSE, FINAL) else f"stage{stage}-trial{number}"
     values = " ".join(f"{k}={v:.3g}" if _is_number(v) else f"{k}={v}"
                       for k, v in (params or {}).items())
     return f"{name} {values}" if values else name

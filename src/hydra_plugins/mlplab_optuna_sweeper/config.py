@@ -26,6 +26,11 @@ class FinalConf:
     # accuracy. 1 and 1: retrain the best trial once (the reports' protocol).
     top_m: int = 1
     seeds: int = 1
+    # where the top_m candidates are compared: final (their retrains above are the
+    # answer) | last_stage (in the last stage's setting, e.g. its larger validation
+    # split, its own trial being each one's first seed; then only the winner retrains
+    # with the final overrides, `seeds` seeds, for final_test_acc)
+    choose_in: str = "final"
 
 
 @dataclass
