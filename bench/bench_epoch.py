@@ -168,9 +168,10 @@ def rounds(timers: dict[str, Callable[[int], object]], repeats: int) -> dict[str
     for timer in timers.values():
         timer(repeats)  # warm-up: caches, threads, PyTorch's kernels
     times: dict[str, list] = {key: [] for key in timers}
+    keys = list(timers)
     for r in range(repeats):
-        for key, timer in timers.items():
-            times[key].append(timer(r))
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each part leads in turn
+            times[key].append(timers[key](r))
     return times
 
 
@@ -205,6 +206,8 @@ def main() -> None:
                                                               strict=True))}
         row |= {key: median(times[key]) for key in ("augment", "update", "torch")
                 if key in times}
+        row |= {f"{key}_share": median(t / e for t, e in zip(times[key], epochs, strict=True))
+                for key in ("augment", "update") if key in times}
         if args.torch:
             row["torch_ratio"] = median(t / e for t, e in zip(times["torch"], epochs,
                                                               strict=True))
@@ -221,7 +224,7 @@ def main() -> None:
     print(head)
     print(sep)
     for r in rows:
-        aug, upd = (f"{r[k]:.3f} ({r[k] / r['epoch']:.0%})" if k in r else "-"
+        aug, upd = (f"{r[k]:.3f} ({r[k + '_share']:.0%})" if k in r else "-"
                     for k in ("augment", "update"))
         line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
                 f"{r['over_products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")

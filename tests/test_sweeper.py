@@ -382,6 +382,10 @@ def test_the_final_step_chooses_the_best_mean_over_seeds_not_the_best_single_run
     assert choose([lucky, steady], maximize=True) is steady
     assert choose([lucky, steady], maximize=False) is lucky
     assert choose([Candidate({"lam": 1.0}, [], [])], maximize=True) is None
+    # a candidate whose second retrain failed or diverged is not compared on the other
+    broken = Candidate({"lam": 1e-2}, val=[0.61], test=[0.60])
+    assert choose([broken, steady], maximize=True) is steady
+    assert choose([broken, Candidate({"lam": 1.0}, [0.3], [0.3])], maximize=True) is broken
 
 
 def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_means(
@@ -432,12 +436,11 @@ def test_choosing_in_the_last_stages_setting_retrains_only_the_winner_with_the_f
     top = sorted(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
                  key=lambda t: (-t.value, t.number))[:2]
     compared = studies["choose"].get_trials(states=[TrialState.COMPLETE])
-    # each candidate's stage trial is its seed 0: only seed 1 is retrained
+    # new seeds: the stage's own seed 0 is the draw that put these trials on top
     assert sorted((t.params["lam"], t.params["train.seed"]) for t in compared) == \
-        sorted((t.params["lam"], 1) for t in top)
-    means = {t.params["lam"]: (t.value + next(c.value for c in compared
-                                              if c.params["lam"] == t.params["lam"])) / 2
-             for t in top}
+        sorted((t.params["lam"], seed) for t in top for seed in (1, 2))
+    means = {t.params["lam"]: sum(c.value for c in compared
+                                  if c.params["lam"] == t.params["lam"]) / 2 for t in top}
     winner = max(means, key=means.get)
     final = studies["final"].get_trials(states=[TrialState.COMPLETE])
     assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
@@ -465,6 +468,30 @@ def test_choosing_in_the_last_stages_setting_retrains_only_the_winner_with_the_f
     assert len(final) == 4 and {t.state for t in final} == {TrialState.COMPLETE}
     _, parent, _ = _parent_and_children(tracking_uri)
     assert parent.info.status == "FINISHED" and parent.data.tags["final.choose_in"] == "final"
+
+
+def test_a_lone_candidate_is_not_compared_and_repeated_configurations_are_one_candidate(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 2}]",
+        "hydra.sweeper.final.seeds=2", "hydra.sweeper.final.choose_in=last_stage"))
+    studies = _studies(tmp_path)
+    best = max(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
+               key=lambda t: t.value)
+    assert studies["choose"].trials == []
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in studies["final"].trials) \
+        == [(best.params["lam"], 0), (best.params["lam"], 1)]
+    _, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.data.tags["best.lam"] == str(best.params["lam"])
+
+    def trial(value, layers):
+        return optuna.trial.create_trial(
+            params={"model.layers": layers}, value=value, distributions={
+                "model.layers": CategoricalDistribution(["[8]", "[16]"])})
+
+    record = StageRecord("0", [], [trial(0.5, "[8]"), trial(0.6, "[8]"), trial(0.4, "[16]")])
+    assert [t.value for t in record.top(2, maximize=True)] == [0.6, 0.5]
+    assert [t.value for t in record.top(2, maximize=True, distinct=True)] == [0.6, 0.4]
 
 
 def test_a_rerun_retries_a_final_retrain_that_failed_and_nothing_else(

@@ -105,7 +105,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     neither the shuffles nor the other's draws. Same seed, same numbers.
     Raises Diverged as soon as a batch loss or an evaluated cost is not finite.
     When `on_eval` returns True, training ends after that evaluation: the result's
-    final accuracies are of that point (test included) and `stopped` is True.
+    final accuracies are of that point (test included) and `stopped` is True, unless
+    it was the last evaluation (nothing was cut short).
     """
     rng = np.random.default_rng(rng)
     X, y = data.X_train, data.y_train

@@ -5,8 +5,8 @@
     final:    the best top_m trials of the last stage, retrained with the final
               overrides and `seeds` seeds each; the best mean validation accuracy wins
               (final.choose_in=last_stage: they are compared first in the last stage's
-              setting, study NAME.choose, each one's stage trial its first seed; then
-              only the winner retrains with the final overrides)
+              setting with new seeds, study NAME.choose; then only the winner
+              retrains with the final overrides)
     summary:  trials.csv, plots, best values on the MLflow parent run
 
 Each stage is its own Optuna study (its objective differs: more cycles, other data),
@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from hydra.core.override_parser.types import Transformer
@@ -55,7 +56,7 @@ from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
 
-from . import _pruning, _records, _space, _studies
+from . import _pruning, _space, _studies
 from ._records import (
     CHOOSE,
     FINAL,
@@ -64,8 +65,8 @@ from ._records import (
     TEST_ACC,
     ParentRun,
     StageRecord,
-    choose,
     run_name,
+    winner,
 )
 from ._space import Param
 from ._studies import DROPPED, FAILURE, WORKER, Heartbeat, Ledger
@@ -191,6 +192,7 @@ class Sweep:
         self.maximize = settings.direction == "maximize"
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
+        self.started = datetime.now()  # Optuna's trial times are local, naive
         self.job_idx = 0
         self.launched: dict[str, list[int]] = {}  # stage -> trial numbers run by this worker
 
@@ -233,8 +235,8 @@ class Sweep:
                     record = self._run_retrains(ctx, records) if stage.retrains \
                         else self._run_stage(ctx, params, records)
                     records.append(record)
-                    # a choose step with nothing to retrain compares the stage's trials
-                    if not record.complete() and (record.trials or not record.reused):
+                    # a choose step with one candidate has nothing to retrain
+                    if not record.complete() and (record.trials or stage.label != CHOOSE):
                         raise SweepFailed(
                             f"stage {stage.label}: none of its {len(record.trials)} trials "
                             "completed (failures: see the log and the trials' runs in "
@@ -394,24 +396,26 @@ class Sweep:
         return bool(running)
 
     def _run_retrains(self, ctx: StageRun, records: list[StageRecord]) -> StageRecord:
-        """The final step's retrains, `seeds` seeds each (train.seed, +1, ...) with the
-        stage's overrides: of the last stage's best top_m (stage choose, or final
-        without one), or of the choose step's winner. A choose step reuses each
-        candidate's stage trial as its first seed. Each (candidate, seed) is a slot, run
-        until a trial of it completes; one that failed in this run is not retried
-        before a re-run."""
+        """The final step's retrains, `seeds` seeds each with the stage's overrides: of
+        the last stage's best top_m distinct configurations (stage choose, or final
+        without one; seeds train.seed+1, ... in choose, train.seed, ... in final), or
+        of the choose step's winner. Each (candidate, seed) is a slot, run until a
+        trial of it completes; one that failed since this worker started is not
+        retried before a re-run, by this worker or another."""
         s, label = self.s, ctx.stage.label
         last = next(r for r in reversed(records) if r.label != CHOOSE)
-        top = last.top(s.final.top_m, self.maximize)
+        top = last.top(s.final.top_m, self.maximize, distinct=True)
         candidates = [t.params for t in top]
         base = self.compose([*ctx.fixed, *ctx.stage.overrides]).train.seed
-        seeds, reused = [base + i for i in range(s.final.seeds)], []
-        if label == CHOOSE:  # one candidate needs no comparing
-            reused, seeds = top, seeds[1:] if len(top) > 1 else []
-            log.info("choose: the best %d of stage %s, %d seed(s) each in its setting "
-                     "(its trials are the first)", len(top), last.label, s.final.seeds)
+        seeds = [base + i for i in range(s.final.seeds)]
+        if label == CHOOSE:
+            # not the stage's own seed: its draw is what put these trials on top, so it
+            # favours them; a lone candidate needs no comparing
+            seeds = [seed + 1 for seed in seeds] if len(top) > 1 else []
+            log.info("choose: the best %d of stage %s, %d new seed(s) each in its "
+                     "setting", len(top), last.label, s.final.seeds)
         elif records[-1].label == CHOOSE:
-            candidates = [choose(_records.candidates(records[-1]), self.maximize).params]
+            candidates = [winner(records[-1], self.maximize)]
             log.info("final: %s retrained with the final overrides, %d seed(s)",
                      candidates[0], len(seeds))
         else:
@@ -439,7 +443,8 @@ class Sweep:
 
         while True:
             taken = {_slot_key(t.params) for t in ctx.ledger.trials()
-                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)} | tried
+                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+                     or self._failed_meanwhile(t)} | tried
             todo = [slot for slot, key in zip(slots, keys, strict=True) if key not in taken]
             if todo:
                 batch = todo[:s.n_jobs]
@@ -449,7 +454,15 @@ class Sweep:
                 break
         trials = [t for t in ctx.ledger.finished() if _slot_key(t.params) in set(keys)]
         return StageRecord(label, _space.seeded(last.params, candidates[0], base), trials,
-                           candidates=candidates, reused=reused)
+                           candidates=candidates)
+
+    def _failed_meanwhile(self, trial) -> bool:
+        """Whether a trial failed with an outcome since this worker started: every
+        worker of the sweep then leaves its slot alone (a re-run retries it), so they
+        all end the step with the same trials and choose the same winner."""
+        return (trial.state == TrialState.FAIL and FAILURE in trial.user_attrs
+                and trial.datetime_complete is not None
+                and trial.datetime_complete >= self.started)
 
     def _seed(self, stage: Stage, number: int) -> int | None:
         return None if self.s.seed is None else \

@@ -23,7 +23,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
@@ -54,8 +54,6 @@ class StageRecord:
     params: list[Param]
     trials: list[FrozenTrial]
     candidates: list[dict] | None = None  # the final step's: the params it retrained
-    # choose: the last stage's trials of the candidates, each one's first seed
-    reused: list[FrozenTrial] = field(default_factory=list)
 
     def complete(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE]
@@ -66,8 +64,16 @@ class StageRecord:
     def failed(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.FAIL]
 
-    def top(self, k: int, maximize: bool) -> list[FrozenTrial]:
-        return sorted(self.complete(), key=lambda t: t.value, reverse=maximize)[:k]
+    def top(self, k: int, maximize: bool, distinct: bool = False) -> list[FrozenTrial]:
+        """The best k complete trials; `distinct`: the best of each configuration only
+        (a categorical space can repeat one)."""
+        ranked = sorted(self.complete(), key=lambda t: t.value, reverse=maximize)
+        if distinct:
+            first = {}
+            for t in ranked:
+                first.setdefault(tuple(sorted(t.params.items())), t)
+            ranked = list(first.values())
+        return ranked[:k]
 
 
 @dataclass
@@ -86,9 +92,9 @@ class Candidate:
 
 def candidates(final: StageRecord) -> list[Candidate]:
     """The final step's candidates, in rank order of the last stage, each with the
-    accuracies of its complete retrains (the newest per seed) and reused trials."""
+    accuracies of its complete retrains (the newest per seed)."""
     newest: dict[tuple, FrozenTrial] = {}
-    for t in [*final.reused, *sorted(final.complete(), key=lambda t: t.number)]:
+    for t in sorted(final.complete(), key=lambda t: t.number):
         newest[tuple(sorted(t.params.items()))] = t
     out = []
     for params in final.candidates or []:
@@ -101,12 +107,21 @@ def candidates(final: StageRecord) -> list[Candidate]:
 
 
 def choose(cands: list[Candidate], maximize: bool) -> Candidate | None:
-    """The candidate with the best mean validation accuracy (test plays no part)."""
-    scored = [c for c in cands if c.val]
+    """The candidate with the best mean validation accuracy (test plays no part) among
+    those with the most complete retrains: one whose retrain failed or diverged is
+    compared only when every candidate lost one."""
+    most = max((len(c.val) for c in cands), default=0)
+    scored = [c for c in cands if c.val and len(c.val) == most]
     if not scored:
         return None
     sign = 1 if maximize else -1
     return max(scored, key=lambda c: sign * statistics.fmean(c.val))
+
+
+def winner(compared: StageRecord, maximize: bool) -> dict:
+    """The params a choose step chose (a lone candidate is chosen uncompared)."""
+    chosen = choose(candidates(compared), maximize)
+    return chosen.params if chosen is not None else compared.candidates[0]
 
 
 class ParentRun:
@@ -273,14 +288,16 @@ class ParentRun:
                                   "candidate_val_acc_sd": Candidate.spread(c.val),
                                   "candidate_seeds": len(c.val)}, step=i)
         chosen = choose(cands, maximize)
-        if chosen is not None and compared is not final:
-            log.info("final: chose %s, validation %.4f over %d seed(s) in the last "
-                     "stage's setting", chosen.params, statistics.fmean(chosen.val),
-                     len(chosen.val))
-            chosen = next((c for c in candidates(final) if c.params == chosen.params
-                           and c.val), None)  # its retrains with the final overrides
-        if chosen is None:
-            return None
+        if compared is not final:
+            params = winner(compared, maximize)
+            log.info("final: chose %s in the last stage's setting%s", params,
+                     f", validation {statistics.fmean(chosen.val):.4f} over "
+                     f"{len(chosen.val)} new seed(s)" if chosen else " (the only candidate)")
+            # its retrains with the final overrides; none (all failed): still the answer
+            chosen = next((c for c in candidates(final) if c.params == params and c.val),
+                          Candidate(params, [], []))
+        if chosen is None or not chosen.val:
+            return chosen
         test = statistics.fmean(chosen.test) if chosen.test else None
         self.log_metrics({"final_val_acc": statistics.fmean(chosen.val),
                           "final_val_acc_sd": Candidate.spread(chosen.val),
