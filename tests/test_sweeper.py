@@ -158,6 +158,12 @@ def _studies(tmp_path, storage="journal"):
             for n in names}
 
 
+def _best(study, k):
+    """The study's best k complete trials (ties: the earlier trial)."""
+    return sorted(study.get_trials(states=[TrialState.COMPLETE]),
+                  key=lambda t: (-t.value, t.number))[:k]
+
+
 def _counted(study):
     return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             or (t.state == TrialState.FAIL and "failure" in t.user_attrs)]
@@ -201,8 +207,7 @@ def test_stage_two_searches_the_span_of_stage_ones_best_and_mlflow_nests_every_t
     studies = _studies(tmp_path, "sqlite")
     stage0, stage1, final = studies["stage0"], studies["stage1"], studies["final"]
     assert (len(_counted(stage0)), len(_counted(stage1)), len(_counted(final))) == (5, 3, 1)
-    top = sorted(stage0.get_trials(states=[TrialState.COMPLETE]),
-                 key=lambda t: (-t.value, t.number))[:2]  # ties: the earlier trial
+    top = _best(stage0, 2)
     low, high = sorted(t.params["lam"] for t in top)
     assert all(low <= t.params["lam"] <= high for t in stage1.trials)
     assert high / low < 30 / 1e-4, "stage 1 searches a narrower range"
@@ -394,8 +399,7 @@ def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_mean
         tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 3}]",
         "hydra.sweeper.final.top_m=2", "hydra.sweeper.final.seeds=2"))
     studies = _studies(tmp_path)
-    top = sorted(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
-                 key=lambda t: (-t.value, t.number))[:2]
+    top = _best(studies["stage0"], 2)
     final = studies["final"].get_trials(states=[TrialState.COMPLETE])
     assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
         sorted((t.params["lam"], seed) for t in top for seed in (0, 1))
@@ -433,8 +437,7 @@ def test_choosing_in_the_last_stages_setting_retrains_only_the_winner_with_the_f
     _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri, *search,
                                              "hydra.sweeper.final.choose_in=last_stage"))
     studies = _studies(tmp_path)
-    top = sorted(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
-                 key=lambda t: (-t.value, t.number))[:2]
+    top = _best(studies["stage0"], 2)
     compared = studies["choose"].get_trials(states=[TrialState.COMPLETE])
     # new seeds: the stage's own seed 0 is the draw that put these trials on top
     assert sorted((t.params["lam"], t.params["train.seed"]) for t in compared) == \
@@ -476,8 +479,7 @@ def test_a_lone_candidate_is_not_compared_and_repeated_configurations_are_one_ca
         tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.stages=[{n_trials: 2}]",
         "hydra.sweeper.final.seeds=2", "hydra.sweeper.final.choose_in=last_stage"))
     studies = _studies(tmp_path)
-    best = max(studies["stage0"].get_trials(states=[TrialState.COMPLETE]),
-               key=lambda t: t.value)
+    [best] = _best(studies["stage0"], 1)
     assert studies["choose"].trials == []
     assert sorted((t.params["lam"], t.params["train.seed"]) for t in studies["final"].trials) \
         == [(best.params["lam"], 0), (best.params["lam"], 1)]
