@@ -93,12 +93,17 @@ class Stage:
 
     @property
     def study_suffix(self) -> str:
-        return self.label if self.retrains else f"stage{self.label}"
+        return study_suffix(self.label)
 
     @property
     def retrains(self) -> bool:
         """The final step's (choose, final): slots of chosen trials, not sampled."""
         return self.label in (CHOOSE, FINAL)
+
+
+def study_suffix(label: str) -> str:
+    """The stage's study is NAME.<this>: stage0, stage1, ..., choose, final."""
+    return label if label in (CHOOSE, FINAL) else f"stage{label}"
 
 
 def plan(s: DictConfig) -> list[Stage]:
@@ -111,11 +116,11 @@ def plan(s: DictConfig) -> list[Stage]:
             raise ConfigError(f"hydra.sweeper.stages[{i}].n_trials={n}: must be >= 1")
         out.append(Stage(str(i), i, n, list(st.overrides)))
     if s.final is not None:
-        if s.final.choose_in == "last_stage":
-            out.append(Stage(CHOOSE, len(out), s.final.top_m * (s.final.seeds - 1),
-                             out[-1].overrides))
-        out.append(Stage(FINAL, len(out), s.final.seeds if s.final.choose_in == "last_stage"
-                         else s.final.top_m * s.final.seeds, list(s.final.overrides)))
+        compared, seeds = s.final.top_m, s.final.seeds
+        if s.final.choose_in == "last_stage":  # then only the winner retrains in final
+            out.append(Stage(CHOOSE, len(out), compared * seeds, out[-1].overrides))
+            compared = 1
+        out.append(Stage(FINAL, len(out), compared * seeds, list(s.final.overrides)))
     return out
 
 
@@ -308,7 +313,7 @@ class Sweep:
             elif now["n_trials"] > was["n_trials"] and i + 1 < len(new):
                 after = new[i + 1]["stage"]
                 started = [a for a in ([CHOOSE, FINAL] if after == FINAL else [after])
-                           if _studies.exists(storage, f"{name}.{Stage(a, 0, 0, []).study_suffix}")]
+                           if _studies.exists(storage, f"{name}.{study_suffix(a)}")]
                 if started:
                     diffs.append(f"stage {label} n_trials {was['n_trials']} -> "
                                  f"{now['n_trials']} (stage {started[0]} already started "

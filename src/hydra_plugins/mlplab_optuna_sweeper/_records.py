@@ -289,7 +289,7 @@ class ParentRun:
                                   "candidate_seeds": len(c.val)}, step=i)
         chosen = choose(cands, maximize)
         if compared is not final:
-            params = winner(compared, maximize)
+            params = final.candidates[0]  # the winner the final step retrained
             log.info("final: chose %s in the last stage's setting%s", params,
                      f", validation {statistics.fmean(chosen.val):.4f} over "
                      f"{len(chosen.val)} new seed(s)" if chosen else " (the only candidate)")

@@ -28,8 +28,8 @@ class FinalConf:
     seeds: int = 1
     # where the top_m candidates are compared: final (their retrains above are the
     # answer) | last_stage (in the last stage's setting, e.g. its larger validation
-    # split, its own trial being each one's first seed; then only the winner retrains
-    # with the final overrides, `seeds` seeds, for final_test_acc)
+    # split, with `seeds` new seeds each; then only the winner retrains with the final
+    # overrides, `seeds` seeds, for final_test_acc)
     choose_in: str = "final"
 
 
