@@ -9,7 +9,8 @@ work no trainer can skip. For the plain-SGD nets that floor is layer 1's product
 (forward X_b @ W1 and backward X_b^T @ dS1 for every batch). For the toolbox net
 (best_mlp's 3072-1024-1024-10 with BN, flip-and-translate augmentation and Nesterov
 momentum, plus dropout 0.1) it is every layer's forward, weight-gradient and
-input-gradient products; its augmentation and optimiser steps are also timed alone.
+input-gradient products; its augmentation and optimiser steps are also timed alone,
+beside the least time those steps' memory traffic takes at this machine's bandwidth.
 `epoch / products` says how close to its floor the trainer is. With --torch (and
 PyTorch installed: `pip install torch==2.13.0`, for the bench only) an eager PyTorch
 loop doing the same updates is timed too; for the toolbox net it augments with
@@ -122,6 +123,22 @@ def update(seed) -> float:
     return seconds
 
 
+def update_floor(seed) -> float:
+    """Seconds an epoch of those steps needs at least on this machine: each must read
+    weights, velocity and gradient and write two of them (20 bytes a parameter), at
+    the bandwidth of a 64 MB np.copyto (median of 5; it reads and writes)."""
+    src = np.ones(16 * 2**20, np.float32)
+    dst = np.empty_like(src)
+    copies = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t0)
+    bandwidth = 2 * src.nbytes / median(copies[1:])
+    net = network.init_network(D, TOOLBOX_HIDDEN, K, bn=True, rng=seed)
+    return (N_TRAIN // BATCH) * 20 * sum(p.size for p in net.params.values()) / bandwidth
+
+
 def torch_epoch(ds, hidden, bn, seed, toolbox=False) -> float:
     """An eager PyTorch epoch with the same shuffling, batches and updates: plain SGD,
     or for the toolbox net dropout, mlplab's augmentation and Nesterov momentum with L2 on the
@@ -192,7 +209,8 @@ def main() -> None:
         timers = {"mlplab": partial(mlplab_epoch, ds, hidden, bn, toolbox=toolbox),
                   "products": partial(products, ds, sizes)}
         if toolbox:
-            timers |= {"augment": partial(augmentation, ds), "update": update}
+            timers |= {"augment": partial(augmentation, ds), "update": update,
+                       "update_floor": update_floor}
         if args.torch:
             timers["torch"] = partial(torch_epoch, ds, hidden, bn, toolbox=toolbox)
         times = rounds(timers, args.repeats)
@@ -204,8 +222,8 @@ def main() -> None:
                # ratios within each round, then their median
                "over_products": median(e / p for e, p in zip(epochs, times["products"],
                                                               strict=True))}
-        row |= {key: median(times[key]) for key in ("augment", "update", "torch")
-                if key in times}
+        row |= {key: median(times[key]) for key in ("augment", "update", "update_floor",
+                                                    "torch") if key in times}
         row |= {f"{key}_share": median(t / e for t, e in zip(times[key], epochs, strict=True))
                 for key in ("augment", "update") if key in times}
         if args.torch:
@@ -216,7 +234,7 @@ def main() -> None:
     print(f"median of {args.repeats}, {N_TRAIN} rows, batch {BATCH}, "
           f"{'real data' if args.data else 'synthetic data'}")
     head = ("| network | mlplab s/epoch | products s (floor) | epoch / products | "
-            "optimiser steps s | augmentation s | eval s |")
+            "optimiser steps s (share; memory floor) | augmentation s | eval s |")
     sep = "|---|---|---|---|---|---|---|"
     if args.torch:
         head += " PyTorch eager s/epoch | PyTorch / mlplab |"
@@ -226,6 +244,8 @@ def main() -> None:
     for r in rows:
         aug, upd = (f"{r[k]:.3f} ({r[k + '_share']:.0%})" if k in r else "-"
                     for k in ("augment", "update"))
+        if "update_floor" in r:
+            upd = f"{upd[:-1]}; {r['update_floor']:.2f})"
         line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
                 f"{r['over_products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")
         if args.torch:

@@ -67,7 +67,8 @@ def test_narrowing_spans_the_best_values_of_log_parameters_widened_by_the_margin
     assert (clipped.low, clipped.high) == (1e-5, 1e-1)  # never beyond the previous stage
 
 
-def test_a_stage_left_with_one_complete_trial_by_its_pruner_is_not_narrowed_to_a_point():
+def test_a_stage_left_with_one_complete_trial_by_its_pruner_is_not_narrowed_to_a_point(
+        caplog):
     params, _ = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))"])
     dist = params[0].distribution
     trials = [optuna.trial.create_trial(params={"lam": lam}, distributions={"lam": dist},
@@ -81,6 +82,10 @@ def test_a_stage_left_with_one_complete_trial_by_its_pruner_is_not_narrowed_to_a
                                           distributions={"lam": dist})
     [lam] = narrowed(StageRecord("0", params, trials), 3, 0.0, True)
     assert (lam.distribution.low, lam.distribution.high) == (1e-4, 1e-3)
+    assert "top_k=3 takes all 2 complete trials (1 pruned)" in caplog.text
+    caplog.clear()
+    narrowed(StageRecord("0", params, trials), 1, 0.0, True)
+    assert "takes all" not in caplog.text
 
 
 def test_the_shipped_search_composes_the_reports_protocol():
@@ -95,6 +100,9 @@ def test_the_shipped_search_composes_the_reports_protocol():
     assert s.params.lam == "tag(log, interval(1e-5, 1e-1))"
     assert [st.n_trials for st in s.stages] == [10, 8] and s.top_k == 3
     assert "data.n_val=1000" in s.final.overrides
+    assert s.pruner == "none" and s.final.top_m == 1 and s.final.choose_in == "final"
+    # with hydra.sweeper.pruner=median: from the 4th evaluation of a 900-step half-cycle
+    assert (s.pruning.n_startup_trials, s.pruning.n_warmup_steps) == (3, 540)
 
 
 def test_the_shipped_toolbox_search_screens_best_mlp_with_hyperband_and_retrains_it_fully():
@@ -305,7 +313,8 @@ def test_a_pruner_stops_trials_whose_curve_is_clearly_worse_also_after_a_resume(
         tmp_path, tiny_cifar, tracking_uri, f"schedule.eta_max=choice({good}, {bad})",
         "schedule.eta_min=1e-9", "lam=0.001", "hydra.sweeper.stages=[{n_trials: 8}]",
         "hydra.sweeper.final=null",
-        "hydra.sweeper.pruner=median", "hydra.sweeper.pruning.n_startup_trials=1")
+        "hydra.sweeper.pruner=median", "hydra.sweeper.pruning.n_startup_trials=1",
+        "hydra.sweeper.pruning.n_warmup_steps=0")  # lambda_c2f's 540 is for 900-step cycles
     real_train = trainer.train
     _raise_at_call(monkeypatch, 4, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
@@ -659,6 +668,35 @@ def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
                   if r.info.status == "FINISHED")
     assert done == sorted((k.removeprefix("stage"), t.number)
                           for k in budgets for t in _counted(studies[k]))
+
+
+def test_two_workers_choosing_in_the_last_stage_agree_on_one_winner_and_retrain_it_once(
+        tmp_path, tiny_cifar, tracking_uri, start_worker):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=30",
+                           "hydra.sweeper.stages=[{n_trials: 3}]",
+                           "hydra.sweeper.final.top_m=2", "hydra.sweeper.final.seeds=2",
+                           "hydra.sweeper.final.choose_in=last_stage")
+    workers = [start_worker(overrides, f"worker{i}") for i in range(2)]
+    for proc, log in workers:
+        assert proc.wait(timeout=240) == 0, log.read_text()
+
+    studies = _studies(tmp_path)
+    compared = _counted(studies["choose"])
+    slots = sorted((t.params["lam"], t.params["train.seed"]) for t in compared)
+    top = _best(studies["stage0"], 2)
+    assert slots == sorted((t.params["lam"], s) for t in top for s in (1, 2)), \
+        "each candidate and seed once, whichever worker ran it"
+    means = {lam: sum(t.value for t in compared if t.params["lam"] == lam) / 2
+             for lam, _ in slots}
+    winner = max(means, key=means.get)
+    final = _counted(studies["final"])
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
+        [(winner, 0), (winner, 1)], "one winner, retrained once per seed"
+    chose = {line.split("final: chose ")[1].split("}")[0] for _, log in workers
+             for line in log.read_text().splitlines() if "final: chose " in line}
+    assert chose == {f"{{'lam': {winner}"}, "both workers name the same winner"
+    _, parent, _ = _parent_and_children(tracking_uri)
+    assert parent.data.tags["best.lam"] == str(winner)
 
 
 def test_a_killed_workers_running_trial_goes_stale_and_a_rerun_replaces_it(
