@@ -9,12 +9,14 @@ fresh folder of its own (its own mlflow.db, mlruns/ and Optuna journal, so nothi
 resumed or cached between sweeps). The data comes from the environment, as for any
 run (README: MLPLAB_CIFAR10_URL, MLPLAB_CIFAR10_MD5, MLPLAB_DATA); the first sweep
 fills the cache, so a warm-up sweep of the first variant runs before the rounds
-(--no-warmup skips it). Per sweep: wall and CPU time, peak RSS, trials complete/pruned
-per stage (from the sweep's trials.csv), the chosen parameters and `final_test_acc`
-(from the parent run). Then
-per variant the median wall (and CPU) time and the median of its per-round ratios to
-the first variant (`none` by default): this machine has slow spells lasting minutes, and a
-ratio within a round survives them better than a ratio of medians.
+(--no-warmup skips it). Per sweep: wall and CPU time, peak RSS, trials
+complete/pruned/failed per stage (from the sweep's trials.csv: a failed trial is work
+not done, which would flatter the time), the chosen parameters and `final_test_acc`
+(from the parent run). Then per variant the median wall (and CPU) time and the median
+of its per-round ratios to the first variant (`none` by default): this machine has
+slow spells lasting minutes, and a ratio within a round survives them better than a
+ratio of medians. Overrides in --variant are split like a shell command line; give
+the sweep no storage or tracking URI of its own, or it is no longer fresh.
 Time it alone on the machine: two CPU-heavy jobs distort each other's timings.
 """
 
@@ -43,8 +45,10 @@ DEFAULT_VARIANTS = {
 def run_sweep(folder: Path, search: str, overrides: list[str]) -> dict:
     """One sweep in `folder`: wall and CPU seconds, peak RSS (GB) and what it recorded."""
     folder.mkdir(parents=True)
+    # its own store even if the environment names a shared one (MLFLOW_TRACKING_URI)
     cmd = [sys.executable, str(REPO / "train.py"), "--multirun", f"+search={search}",
-           f"hydra.sweep.dir={folder / 'sweep'}", *overrides]
+           f"hydra.sweep.dir={folder / 'sweep'}",
+           f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", *overrides]
     with open(folder / "log.txt", "w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
@@ -79,8 +83,8 @@ def recorded(folder: Path) -> dict:
             "chose": {k.removeprefix("best_"): float(f"{v:.3g}")
                       for k, v in parent.data.metrics.items()
                       if k.startswith("best_") and k != "best_value"},
-            "trials": ", ".join(f"{counts[s, 'COMPLETE']}/{counts[s, 'PRUNED']}"
-                                for s in stages)}
+            "trials": ", ".join(f"{counts[s, 'COMPLETE']}/{counts[s, 'PRUNED']}/"
+                                f"{counts[s, 'FAIL']}" for s in stages)}
 
 
 def main() -> None:
@@ -95,12 +99,18 @@ def main() -> None:
                         help="skip the warm-up sweep (the data cache is already filled)")
     parser.add_argument("extra", nargs="*", help="overrides for every sweep (after --)")
     args = parser.parse_args()
-    variants = dict(v.split("=", 1) for v in args.variant) if args.variant \
-        else DEFAULT_VARIANTS
-    for name in variants:
-        if not name.isidentifier():
-            raise SystemExit(f"--variant {name!r}: NAME must be a word, then =OVERRIDES")
-    out = Path(args.out or tempfile.mkdtemp(prefix="mlplab-prune-"))
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
+    variants = dict(DEFAULT_VARIANTS)
+    if args.variant:
+        variants = {}
+        for v in args.variant:
+            name, sep, overrides = v.partition("=")
+            if not (sep and name.isidentifier()) or name in variants:
+                raise SystemExit(f"--variant {v!r}: must be NAME=OVERRIDES, NAME a word "
+                                 "used once")
+            variants[name] = overrides
+    out = Path(args.out or tempfile.mkdtemp(prefix="mlplab-prune-")).resolve()
     names = list(variants)
 
     def sweep(name: str, label: str) -> dict:
@@ -108,7 +118,7 @@ def main() -> None:
                            [*shlex.split(variants[name]), *args.extra])
         print(f"{label:>12}: {result['wall']:7.1f} s  cpu {result['cpu']:7.1f} s  "
               f"{result['rss_gb']:.2f} GB  "
-              f"complete/pruned by stage {result['trials']}  chose {result['chose']}  "
+              f"complete/pruned/failed by stage {result['trials']}  chose {result['chose']}  "
               f"final_test_acc {result['test']:.4f}", flush=True)
         return result
 

@@ -170,11 +170,12 @@ def narrowed(last: StageRecord, top_k: int, margin: float, maximize: bool) -> li
                     "stage searches the same space (prune less: e.g. the median pruner's "
                     "n_startup_trials)", last.label, len(top))
         return last.params
-    if last.pruned() and len(top) == len(last.complete()):
+    if top_k > 1 and last.pruned() and len(top) == len(last.complete()):
         log.warning("stage %s: top_k=%d takes all %d complete trials (%d pruned), so the "
-                    "next stage spans them all, a poor one too: with a pruner, set "
-                    "hydra.sweeper.top_k below its n_startup_trials", last.label, top_k,
-                    len(top), len(last.pruned()))
+                    "next stage spans them all, a poor one too: set hydra.sweeper.top_k "
+                    "below the number the pruner lets finish (the median pruner's "
+                    "n_startup_trials), or raise that", last.label, top_k, len(top),
+                    len(last.pruned()))
     return _space.narrow(last.params, [t.params for t in top], margin)
 
 
