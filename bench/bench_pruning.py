@@ -66,8 +66,6 @@ def recorded(folder: Path) -> dict:
     """The parent run's final_test_acc and best_<param> metrics, and its trials.csv counts."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     exps = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(exps, filter_string="metrics.final_test_acc >= 0")
@@ -99,6 +97,7 @@ def main() -> None:
                         help="skip the warm-up sweep (the data cache is already filled)")
     parser.add_argument("extra", nargs="*", help="overrides for every sweep (after --)")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # for trials.csv
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
     variants = dict(DEFAULT_VARIANTS)

@@ -440,24 +440,31 @@ def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_mean
     assert parent.data.tags["final.seeds"] == "3" and parent.data.metrics["final_seeds"] == 3
 
 
+def _chose_between_the_best_two(studies):
+    """Check a choose step over stage 0's best 2 with 2 seeds, then a final of the winner
+    with 2 seeds, each slot counted once; return the means, the winner, the finals."""
+    top = _best(studies["stage0"], 2)
+    compared = _counted(studies["choose"])
+    # new seeds: the stage's own seed 0 is the draw that put these trials on top
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in compared) == \
+        sorted((t.params["lam"], seed) for t in top for seed in (1, 2))
+    # in rank order, as the sweep breaks ties
+    means = {t.params["lam"]: sum(c.value for c in compared
+                                  if c.params["lam"] == t.params["lam"]) / 2 for t in top}
+    winner = max(means, key=means.get)
+    final = _counted(studies["final"])
+    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
+        [(winner, 0), (winner, 1)], "only the winner retrains with the final overrides"
+    return means, winner, final
+
+
 def test_choosing_in_the_last_stages_setting_retrains_only_the_winner_with_the_final_overrides(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri):
     search = ("hydra.sweeper.stages=[{n_trials: 3}]", "hydra.sweeper.final.top_m=2",
               "hydra.sweeper.final.seeds=2")
     _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri, *search,
                                              "hydra.sweeper.final.choose_in=last_stage"))
-    studies = _studies(tmp_path)
-    top = _best(studies["stage0"], 2)
-    compared = studies["choose"].get_trials(states=[TrialState.COMPLETE])
-    # new seeds: the stage's own seed 0 is the draw that put these trials on top
-    assert sorted((t.params["lam"], t.params["train.seed"]) for t in compared) == \
-        sorted((t.params["lam"], seed) for t in top for seed in (1, 2))
-    means = {t.params["lam"]: sum(c.value for c in compared
-                                  if c.params["lam"] == t.params["lam"]) / 2 for t in top}
-    winner = max(means, key=means.get)
-    final = studies["final"].get_trials(states=[TrialState.COMPLETE])
-    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
-        [(winner, 0), (winner, 1)], "only the winner retrains with the final overrides"
+    means, winner, final = _chose_between_the_best_two(_studies(tmp_path))
 
     client, parent, children = _parent_and_children(tracking_uri)
     m = parent.data.metrics
@@ -682,18 +689,7 @@ def test_two_workers_choosing_in_the_last_stage_agree_on_one_winner_and_retrain_
         assert proc.wait(timeout=240) == 0, log.read_text()
 
     studies = _studies(tmp_path)
-    compared = _counted(studies["choose"])
-    slots = sorted((t.params["lam"], t.params["train.seed"]) for t in compared)
-    top = _best(studies["stage0"], 2)
-    assert slots == sorted((t.params["lam"], s) for t in top for s in (1, 2)), \
-        "each candidate and seed once, whichever worker ran it"
-    # in rank order, as the sweep breaks ties
-    means = {t.params["lam"]: sum(c.value for c in compared
-                                  if c.params["lam"] == t.params["lam"]) / 2 for t in top}
-    winner = max(means, key=means.get)
-    final = _counted(studies["final"])
-    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final) == \
-        [(winner, 0), (winner, 1)], "one winner, retrained once per seed"
+    _, winner, _ = _chose_between_the_best_two(studies)  # each slot once, either worker
     for _, log in workers:
         said = [line for line in log.read_text().splitlines() if "final: chose " in line]
         assert len(said) == 1 and f"final: chose {{'lam': {winner}}}" in said[0], \
