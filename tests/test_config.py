@@ -19,6 +19,8 @@ from mlplab.config import ConfigError
     ("data.n_val=0", "data.n_val=0"),
     ("data.split=batch9", "data.split='batch9'"),
     ("data.n_train=0", "data.n_train=0"),
+    ("data.val_fold=-1", "data.val_fold=-1"),
+    ("data.val_fold=1", "data.val_fold=1: with split='batch1'"),
     ("model.layers=[50,0]", "model.layers=[50, 0]"),
     ("model.init=glorot", "model.init='glorot'"),
     ("train.dtype=float16", "train.dtype='float16'"),

@@ -36,6 +36,35 @@ def test_all_split_holds_out_the_last_n_val_rows_of_the_five_batches(tiny_cifar,
     np.testing.assert_array_equal(ds.y_val, y5[-25:])
 
 
+def test_val_fold_holds_out_another_block_and_trains_on_every_other_row(tiny_cifar, tmp_path):
+    url, md5 = tiny_cifar
+    folder = data.cifar10_dir(url, md5, tmp_path)  # unpacks the archive
+    y_all = np.concatenate([data.load_batch(folder / f"data_batch_{i}")[1] for i in range(1, 6)])
+    X_all = np.concatenate([data.load_batch(folder / f"data_batch_{i}")[0] for i in range(1, 6)])
+    n = len(y_all)
+    ds = data.load_dataset(split="all", n_val=25, val_fold=2, url=url, md5=md5, root=tmp_path)
+    np.testing.assert_array_equal(ds.y_val, y_all[n - 75:n - 50])
+    np.testing.assert_array_equal(ds.y_train, np.r_[y_all[:n - 75], y_all[n - 50:]])
+    np.testing.assert_allclose(ds.mean, np.r_[X_all[:n - 75], X_all[n - 50:]].mean(axis=0),
+                               rtol=1e-5)  # standardised by its own training rows
+    fold0 = data.load_dataset(split="all", n_val=25, url=url, md5=md5, root=tmp_path)
+    assert fold0.fingerprint != ds.fingerprint
+
+
+@pytest.mark.parametrize("split, n_val, fold, message", [
+    ("all", 25, 5 * TINY_ROWS // 25 - 1, r"data.val_fold=\d+ with data.n_val=25 must be "
+                                          r"between 0 and \d+"),
+    ("batch1", 25, 1, r"val_fold=1.*allowed 0"),
+    ("all", 25, -1, r"val_fold=-1.*>= 0"),
+])
+def test_a_val_fold_out_of_range_is_refused_naming_it(tiny_cifar, tmp_path, split, n_val,
+                                                      fold, message):
+    url, md5 = tiny_cifar
+    with pytest.raises((data.DataError, ValueError), match=message):
+        data.load_dataset(split=split, n_val=n_val, val_fold=fold, url=url, md5=md5,
+                          root=tmp_path)
+
+
 def test_inputs_are_standardised_with_the_training_split_statistics(tiny_cifar, tmp_path):
     url, md5 = tiny_cifar
     ds = data.load_dataset(url=url, md5=md5, root=tmp_path)

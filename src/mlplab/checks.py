@@ -49,6 +49,11 @@ def positive_int(argument: str, value: int) -> None:
             argument, value, "must be an integer > 0")
 
 
+def non_negative_int(argument: str, value: int) -> None:
+    require(isinstance(value, Integral) and not isinstance(value, bool) and value >= 0,
+            argument, value, "must be an integer >= 0")
+
+
 def fraction(argument: str, value: float) -> None:
     """A number in [0, 1): rates of dropout, momentum, betas, label smoothing."""
     require(_number(value) and 0 <= value < 1, argument, value,

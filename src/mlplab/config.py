@@ -41,6 +41,7 @@ class DataConfig:
     root: str | None = None  # None: $MLPLAB_DATA, else ~/.cache/mlplab
     split: str = "batch1"
     n_val: int = 5000
+    val_fold: int = 0  # split all: which block of n_val rows (from the end) validates
     n_train: int | None = None
 
 

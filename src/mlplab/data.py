@@ -205,12 +205,17 @@ def images_to_rows(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
 
 
-def _split_rows(X, y, split: str, n_val: int, batch_sizes: list[int]):
-    """Train/val rows: batch 1 / batch 2, or all batches with the last n_val held out."""
+def _split_rows(X, y, split: str, n_val: int, val_fold: int, batch_sizes: list[int]):
+    """Train/val rows: batch 1 / batch 2, or all batches with n_val rows held out: the
+    last n_val for fold 0, the n_val before them for fold 1, and so on."""
     if split == "batch1":
         b1 = batch_sizes[0]
         return (X[:b1], y[:b1]), (X[b1:b1 + batch_sizes[1]], y[b1:b1 + batch_sizes[1]])
-    return (X[:-n_val], y[:-n_val]), (X[-n_val:], y[-n_val:])
+    start, stop = len(y) - (val_fold + 1) * n_val, len(y) - val_fold * n_val
+    if val_fold == 0:  # slices, no copy
+        return (X[:start], y[:start]), (X[start:], y[start:])
+    keep = np.r_[0:start, stop:len(y)]
+    return (X[keep], y[keep]), (X[start:stop], y[start:stop])
 
 
 def _raw_cifar10(url, md5, root, split):
@@ -268,28 +273,34 @@ def standardise(X_train, *others, dtype=np.float32):
     return (mean, std, *scaled)
 
 
-def check_options(name: str, *, split: str = "batch1", n_val: int = 5000,
+def check_options(name: str, *, split: str = "batch1", n_val: int = 5000, val_fold: int = 0,
                   n_train: int | None = None, dtype="float32") -> None:
     """Check load_dataset's settings before anything is read (the bounds that depend
     on the data are checked once it is loaded)."""
     checks.one_of("name", name, DATASETS)
     checks.one_of("split", split, SPLITS)
     checks.positive_int("n_val", n_val)
+    checks.non_negative_int("val_fold", val_fold)
+    checks.require(val_fold == 0 or split == "all", "val_fold", val_fold,
+                   f"with split={split!r}, whose validation is data_batch_2: allowed 0")
     checks.require(n_train is None or (isinstance(n_train, int) and n_train > 0), "n_train",
                    n_train, "must be null (all) or an integer > 0")
     checks.one_of("dtype", str(dtype), DTYPES)
 
 
-def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
+def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_train=None,
                  url=CIFAR10_URL, md5=CIFAR10_MD5, root=None, dtype=np.float32) -> Dataset:
     """Load, split and standardise.
 
     split "batch1": train on data_batch_1, validate on data_batch_2.
-    split "all": all five batches, the last `n_val` rows held out for validation.
+    split "all": all five batches, the last `n_val` rows held out for validation;
+    `val_fold` k holds out the k-th block of n_val rows from the end instead (k = 0:
+    the last), so that different folds validate on different images.
     `n_train` keeps only the first n training rows (sanity checks, quick tests).
     Test is always `test_batch`. For "digits" both splits hold out `n_val` rows.
     """
-    check_options(name, split=split, n_val=n_val, n_train=n_train, dtype=np.dtype(dtype).name)
+    check_options(name, split=split, n_val=n_val, val_fold=val_fold, n_train=n_train,
+                  dtype=np.dtype(dtype).name)
     if name == "cifar10":
         X, y, X_test, y_test, sizes = _raw_cifar10(url, md5, root, split)
         shape, classes, source = (32, 32, 3), CIFAR10_CLASSES, url
@@ -301,7 +312,11 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, n_train=None,
     if split == "all" and not 0 < n_val < len(y):
         raise DataError(f"data.n_val={n_val} must be between 1 and {len(y) - 1} "
                         f"(the {len(y)} rows of the training batches)")
-    (X_tr, y_tr), (X_va, y_va) = _split_rows(X, y, split, n_val, sizes)
+    if split == "all" and (val_fold + 1) * n_val >= len(y):
+        raise DataError(f"data.val_fold={val_fold} with data.n_val={n_val} must be between "
+                        f"0 and {(len(y) - 1) // n_val - 1} (folds of {n_val} rows of the "
+                        f"{len(y)}, leaving some to train)")
+    (X_tr, y_tr), (X_va, y_va) = _split_rows(X, y, split, n_val, val_fold, sizes)
     if n_train is not None:
         if not 0 < n_train <= len(y_tr):
             raise DataError(f"data.n_train={n_train} must be between 1 and {len(y_tr)}")

@@ -24,8 +24,8 @@ def validate(cfg: DictConfig) -> None:
     config.check_keys(cfg)
     d, m, t = cfg.data, cfg.model, cfg.train
     with keyed("data.", dtype="train.dtype"):
-        data.check_options(d.name, split=d.split, n_val=d.n_val, n_train=d.n_train,
-                           dtype=t.dtype)
+        data.check_options(d.name, split=d.split, n_val=d.n_val, val_fold=d.val_fold,
+                           n_train=d.n_train, dtype=t.dtype)
         checks.require(d.name != "digits" or d.split == "all", "split", d.split,
                        "with data=digits, which has no batches: allowed 'all'")
     with keyed("model.", hidden="model.layers"):
@@ -35,7 +35,7 @@ def validate(cfg: DictConfig) -> None:
         trainer.check_options(lam=cfg.lam, evals_per_cycle=t.evals_per_cycle,
                               label_smoothing=t.label_smoothing)
         checks.positive_int("batch_size", t.batch_size)
-        checks.require(t.seed >= 0, "seed", t.seed, "must be >= 0")
+        checks.non_negative_int("seed", t.seed)
     build_schedule(cfg, n_train=t.batch_size)  # one step an epoch: the data's size aside
     build_optimizer(cfg)
     build_augment(cfg, augment.CIFAR_IMAGE_SHAPE)
@@ -43,17 +43,19 @@ def validate(cfg: DictConfig) -> None:
 
 def build_dataset(cfg: DictConfig) -> Dataset:
     d = cfg.data
-    return _load_dataset_cached(d.name, d.split, d.n_val, d.n_train, d.url, d.md5, d.root,
-                                cfg.train.dtype)
+    return _load_dataset_cached(d.name, d.split, d.n_val, d.val_fold, d.n_train, d.url, d.md5,
+                                d.root, cfg.train.dtype)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_dataset_cached(name, split, n_val, n_train, url, md5, root, dtype) -> Dataset:
+def _load_dataset_cached(name, split, n_val, val_fold, n_train, url, md5, root,
+                         dtype) -> Dataset:
     """The last dataset stays loaded: sweep trials in one process (Hydra's basic
     launcher, a joblib worker) share it instead of re-reading ~0.7 GB each. Nothing
     writes to a Dataset's arrays, so sharing is safe."""
-    return data.load_dataset(name, split=split, n_val=n_val, n_train=n_train, url=url,
-                             md5=md5, root=root, dtype=np.dtype(dtype))
+    return data.load_dataset(name, split=split, n_val=n_val, val_fold=val_fold,
+                             n_train=n_train, url=url, md5=md5, root=root,
+                             dtype=np.dtype(dtype))
 
 
 def build_schedule(cfg: DictConfig, n_train: int):

@@ -61,18 +61,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     anything is recorded; trainer.Diverged after marking the run FAILED;
     tracking.TrackingError if the run could not be recorded."""
     t_start = time.perf_counter()
-    experiment.validate(cfg)
-    ds = experiment.build_dataset(cfg)
-    schedule = experiment.build_schedule(cfg, len(ds.y_train))
-    init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
-    net = experiment.build_network(cfg, ds, np.random.default_rng(init_seed))
-    summary = experiment.describe(net, schedule)
-    train = functools.partial(
-        trainer.train, net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
-        rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
-        optimizer=experiment.build_optimizer(cfg),
-        augment=experiment.build_augment(cfg, ds.image_shape),
-        label_smoothing=cfg.train.label_smoothing, progress=cfg.train.progress)
+    ds, net, summary, train = prepare(cfg)
     stop_early = _trial_reporter(cfg)
     t_cfg = cfg.tracking
     if not t_cfg.enabled:
@@ -112,6 +101,23 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     return Outcome(final, run.run_id, uri, seconds,
                    tracking.runs_page(uri, run.experiment_id),
                    pruned_at=result.steps if result.stopped else None)
+
+
+def prepare(cfg: DictConfig):
+    """Validate and build one run: its dataset, network, summary line and the training
+    call, `train(on_eval=...) -> trainer.Result`. Raises ConfigError or DataError."""
+    experiment.validate(cfg)
+    ds = experiment.build_dataset(cfg)
+    schedule = experiment.build_schedule(cfg, len(ds.y_train))
+    init_seed, shuffle_seed = np.random.SeedSequence(cfg.train.seed).spawn(2)
+    net = experiment.build_network(cfg, ds, np.random.default_rng(init_seed))
+    train = functools.partial(
+        trainer.train, net, ds, schedule, lam=cfg.lam, batch_size=cfg.train.batch_size,
+        rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
+        optimizer=experiment.build_optimizer(cfg),
+        augment=experiment.build_augment(cfg, ds.image_shape),
+        label_smoothing=cfg.train.label_smoothing, progress=cfg.train.progress)
+    return ds, net, experiment.describe(net, schedule), train
 
 
 def _trial_reporter(cfg: DictConfig):
