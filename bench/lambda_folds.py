@@ -1,55 +1,83 @@
 """Does validation see what test sees about lambda? The lambda search's setting, many folds.
 
-    python bench/lambda_folds.py [--lams 3e-4,1e-3,4e-3,1e-2] [--folds 0-6]
+    python bench/lambda_folds.py [--lams 3e-4,1e-3,4e-3,1e-2] [--folds 0-9]
         [--reference 4e-3] [-- EXTRA OVERRIDES]
 
 Trains each lambda in the setting of lambda_c2f's stage 1 (`+search=lambda_c2f
 schedule.cycles=3`: 45,000 train, 5,000 validation, 3 cycles) on each validation
 fold (`data.val_fold=F`, the F-th block of 5,000 rows from the end, trained with
-`train.seed=F`), and records which validation and test images each run gets right.
-Then per lambda, against --reference:
+`train.seed=F`; folds 0-9 validate once on each of the 50,000 training-batch images),
+and records which validation and test images each run gets right. Then per lambda,
+against --reference:
 
 - the mean accuracy over folds, on validation and on test;
-- the difference to the reference, with its standard error over images: on
-  validation from every fold's own 5,000 images (35,000 with 7 folds), on test from
-  the same 10,000 images (each image's correctness averaged over the folds first, so
-  the error is the test sample's, not the training noise).
+- on validation, the mean difference with its standard error over folds: each fold
+  has its own images and its own training runs, so this error holds both;
+- on test, the mean difference with two standard errors, as every fold tests on the
+  same 10,000 images: over runs (the per-fold differences: training noise) and over
+  images (each image's correctness averaged over the folds first: the luck of the
+  test sample).
 
-A difference the validation images cannot see (within their standard error) but the
-test images show is the test sample's luck, or a shift between the two; either way
-no choice made on validation can be relied on to find it. Needs the data from the
-environment as any run (README). Nothing is tracked. About 10 s a run alone here.
+A difference that test shows beyond both of its errors while validation shows none
+within its error is one that no choice made on validation can be relied on to find:
+a real effect that validation misses (its error bounds how large), or a shift
+between the held-out training rows and the test batch. Every (lambda, fold) is
+checked before the first trains. Needs the data from the environment as any run
+(README). Nothing is tracked. About 10 s a run alone here.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from mlplab import network
+from mlplab import experiment, network
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import prepare
+from mlplab.config import ConfigError
 
 
 def folds(text: str) -> list[int]:
-    """'0-6' or '0,2,5'."""
-    if "-" in text:
-        first, last = (int(x) for x in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(x) for x in text.split(",")]
+    """'0-9' or '0,2,5': distinct folds, each once (a repeat would count the same
+    validation images twice)."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            out = list(range(first, last + 1))
+        else:
+            out = [int(x) for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: allowed FIRST-LAST (FIRST <= LAST) or F,F,... of distinct folds >= 0")
+    return out
 
 
-def right_answers(lam: float, fold: int, extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Which validation and test images one run classifies correctly."""
+def lambdas(text: str) -> list[float]:
+    """'3e-4,1e-3': distinct lambdas."""
+    try:
+        out = [float(x) for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed distinct numbers, comma-separated")
+    return out
+
+
+def composed(lam: float, fold: int, extra: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+search=lambda_c2f", "schedule.cycles=3",
-                                           f"lam={lam}", f"data.val_fold={fold}",
-                                           f"train.seed={fold}", *extra])
+        return compose("config", overrides=["+search=lambda_c2f", "schedule.cycles=3",
+                                            f"lam={lam}", f"data.val_fold={fold}",
+                                            f"train.seed={fold}", *extra])
+
+
+def right_answers(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Which validation and test images one run classifies correctly."""
     ds, net, _, train = prepare(cfg)
     train()
 
@@ -59,45 +87,56 @@ def right_answers(lam: float, fold: int, extra: list[str]) -> tuple[np.ndarray, 
     return right(ds.X_val, ds.y_val), right(ds.X_test, ds.y_test)
 
 
-def difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error over images of a - b (per-image 0/1 or averages)."""
-    d = a.astype(float) - b.astype(float)
-    return 100 * d.mean(), 100 * d.std(ddof=1) / np.sqrt(len(d))
+def mean_and_error(d) -> tuple[float, float]:
+    """Mean and standard error (in points) of independent differences d."""
+    d = 100 * np.asarray(d, dtype=float)
+    return d.mean(), d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lams", default="3e-4,1e-3,4e-3,1e-2")
-    p.add_argument("--folds", default="0-6", type=folds)
+    p.add_argument("--lams", default=[3e-4, 1e-3, 4e-3, 1e-2], type=lambdas)
+    p.add_argument("--folds", default=list(range(10)), type=folds)
     p.add_argument("--reference", default=4e-3, type=float)
     p.add_argument("extra", nargs="*", help="overrides after --, e.g. train.batch_size=100")
     args = p.parse_args(argv)
-    lams = [float(x) for x in args.lams.split(",")]
-    if args.reference not in lams:
-        lams.append(args.reference)
+    lams = args.lams + ([] if args.reference in args.lams else [args.reference])
+    runs = {(lam, fold): composed(lam, fold, args.extra) for fold in args.folds for lam in lams}
+    try:
+        for cfg in runs.values():
+            experiment.validate(cfg)
+    except ConfigError as err:
+        p.error(str(err))
+    highest = next(iter(runs.values())).data  # every run shares n_val and the split
+    n_rows = 50_000 if highest.name == "cifar10" else None
+    if n_rows and (max(args.folds) + 1) * highest.n_val > n_rows:
+        p.error(f"--folds {max(args.folds)}: with data.n_val={highest.n_val} the folds are "
+                f"0..{n_rows // highest.n_val - 1}")
+
     val: dict[float, list] = {lam: [] for lam in lams}
     test: dict[float, list] = {lam: [] for lam in lams}
-    for fold in args.folds:  # fold outermost: one dataset load per fold
-        for lam in lams:
-            t0 = time.perf_counter()
-            v, t = right_answers(lam, fold, args.extra)
-            val[lam].append(v)
-            test[lam].append(t)
-            print(f"fold {fold} lam {lam:g}: val {100 * v.mean():.2f} test "
-                  f"{100 * t.mean():.2f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    for (lam, fold), cfg in runs.items():  # fold outermost: one dataset load per fold
+        t0 = time.perf_counter()
+        v, t = right_answers(cfg)
+        val[lam].append(v)
+        test[lam].append(t)
+        print(f"fold {fold} lam {lam:g}: val {100 * v.mean():.2f} test "
+              f"{100 * t.mean():.2f} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     ref = args.reference
-    n_val = sum(len(v) for v in val[ref])
-    print(f"\n{len(args.folds)} folds; differences to lam={ref:g} with their standard error "
-          f"over images ({n_val} validation, {len(test[ref][0])} test)")
-    print(f"{'lam':>8} {'val':>7} {'test':>7} {'val - ref':>16} {'test - ref':>16}")
+    print(f"\n{len(args.folds)} folds ({sum(len(v) for v in val[ref])} validation images, "
+          f"{len(test[ref][0])} test); differences to lam={ref:g} in points, ± standard "
+          "error: over folds on validation; over runs, then over images, on test")
+    print(f"{'lam':>8} {'val':>6} {'test':>6} {'val - ref':>14} {'test - ref':>22}")
     for lam in lams:
-        mean_val = statistics.fmean(100 * v.mean() for v in val[lam])
-        mean_test = statistics.fmean(100 * t.mean() for t in test[lam])
-        dv, sv = difference(np.concatenate(val[lam]), np.concatenate(val[ref]))
-        dt, st = difference(np.mean(test[lam], axis=0), np.mean(test[ref], axis=0))
-        print(f"{lam:8.1e} {mean_val:7.2f} {mean_test:7.2f} {dv:+8.2f} ± {sv:5.2f} "
-              f"{dt:+8.2f} ± {st:5.2f}")
+        dv, sv = mean_and_error([a.mean() - b.mean()
+                                 for a, b in zip(val[lam], val[ref], strict=True)])
+        dt, st_runs = mean_and_error([a.mean() - b.mean()
+                                      for a, b in zip(test[lam], test[ref], strict=True)])
+        _, st_images = mean_and_error(np.mean(test[lam], axis=0) - np.mean(test[ref], axis=0))
+        print(f"{lam:8.1e} {100 * np.mean([v.mean() for v in val[lam]]):6.2f} "
+              f"{100 * np.mean([t.mean() for t in test[lam]]):6.2f} {dv:+7.2f} ± {sv:4.2f} "
+              f"{dt:+7.2f} ± {st_runs:4.2f} ± {st_images:4.2f}")
     return 0
 
 

@@ -9,6 +9,8 @@ from hydra.errors import ConfigCompositionException
 
 from mlplab.commands.train import run_experiment
 from mlplab.config import ConfigError
+from mlplab.data import DataError
+from mlplab.experiment import build_dataset
 
 
 @pytest.mark.parametrize("override, message", [
@@ -62,6 +64,22 @@ def test_batch_larger_than_the_training_split_fails_before_tracking(make_cfg, tr
     with pytest.raises(ConfigError, match="train.batch_size=10 is larger than the 5"):
         run_experiment(cfg)
     assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+def test_a_val_fold_beyond_the_data_fails_before_tracking_naming_the_bound(make_cfg,
+                                                                          tracking_uri):
+    cfg = make_cfg("data.split=all", "data.n_val=100", "data.val_fold=3")  # 300 rows
+    with pytest.raises(DataError, match=r"data.val_fold=3 with data.n_val=100 must be "
+                                        r"between 0 and 2"):
+        run_experiment(cfg)
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+def test_each_val_fold_is_its_own_dataset(make_cfg):
+    """The loaded dataset is cached per process: a sweep's folds must not share it."""
+    a, b = (build_dataset(make_cfg("data.split=all", "data.n_val=50", f"data.val_fold={k}"))
+            for k in (0, 1))
+    assert a.fingerprint != b.fingerprint and len(a.y_val) == len(b.y_val) == 50
 
 
 @pytest.mark.parametrize("override, message", [

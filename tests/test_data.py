@@ -51,9 +51,24 @@ def test_val_fold_holds_out_another_block_and_trains_on_every_other_row(tiny_cif
     assert fold0.fingerprint != ds.fingerprint
 
 
+def test_digits_take_a_val_fold_too():
+    fold0, fold1 = (data.load_dataset("digits", n_val=300, val_fold=k) for k in (0, 1))
+    assert len(fold1.y_val) == 300 and not np.array_equal(fold0.y_val, fold1.y_val)
+
+
+def test_the_frontmost_val_fold_validates_on_the_first_rows(tiny_cifar, tmp_path):
+    url, md5 = tiny_cifar
+    last = 5 * TINY_ROWS // 25 - 1  # 12 blocks of 25 rows: folds 0..11
+    ds = data.load_dataset(split="all", n_val=25, val_fold=last, url=url, md5=md5,
+                           root=tmp_path)
+    folder = data.cifar10_dir(url, md5, tmp_path)
+    np.testing.assert_array_equal(ds.y_val, data.load_batch(folder / "data_batch_1")[1][:25])
+    assert len(ds.y_train) == 5 * TINY_ROWS - 25
+
+
 @pytest.mark.parametrize("split, n_val, fold, message", [
-    ("all", 25, 5 * TINY_ROWS // 25 - 1, r"data.val_fold=\d+ with data.n_val=25 must be "
-                                          r"between 0 and \d+"),
+    ("all", 25, 5 * TINY_ROWS // 25, r"data.val_fold=12 with data.n_val=25 must be between "
+                                     r"0 and 11 \(the 12 blocks"),
     ("batch1", 25, 1, r"val_fold=1.*allowed 0"),
     ("all", 25, -1, r"val_fold=-1.*>= 0"),
 ])

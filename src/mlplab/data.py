@@ -281,7 +281,7 @@ def check_options(name: str, *, split: str = "batch1", n_val: int = 5000, val_fo
     checks.one_of("split", split, SPLITS)
     checks.positive_int("n_val", n_val)
     checks.non_negative_int("val_fold", val_fold)
-    checks.require(val_fold == 0 or split == "all", "val_fold", val_fold,
+    checks.require(val_fold == 0 or split == "all" or name == "digits", "val_fold", val_fold,
                    f"with split={split!r}, whose validation is data_batch_2: allowed 0")
     checks.require(n_train is None or (isinstance(n_train, int) and n_train > 0), "n_train",
                    n_train, "must be null (all) or an integer > 0")
@@ -312,10 +312,10 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_tr
     if split == "all" and not 0 < n_val < len(y):
         raise DataError(f"data.n_val={n_val} must be between 1 and {len(y) - 1} "
                         f"(the {len(y)} rows of the training batches)")
-    if split == "all" and (val_fold + 1) * n_val >= len(y):
+    if split == "all" and (val_fold + 1) * n_val > len(y):
         raise DataError(f"data.val_fold={val_fold} with data.n_val={n_val} must be between "
-                        f"0 and {(len(y) - 1) // n_val - 1} (folds of {n_val} rows of the "
-                        f"{len(y)}, leaving some to train)")
+                        f"0 and {len(y) // n_val - 1} (the {len(y) // n_val} blocks of "
+                        f"{n_val} rows in the {len(y)} of the training batches)")
     (X_tr, y_tr), (X_va, y_va) = _split_rows(X, y, split, n_val, val_fold, sizes)
     if n_train is not None:
         if not 0 < n_train <= len(y_tr):
