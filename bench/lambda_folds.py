@@ -107,11 +107,11 @@ def main(argv=None) -> int:
             experiment.validate(cfg)
     except ConfigError as err:
         p.error(str(err))
-    highest = next(iter(runs.values())).data  # every run shares n_val and the split
-    n_rows = 50_000 if highest.name == "cifar10" else None
-    if n_rows and (max(args.folds) + 1) * highest.n_val > n_rows:
-        p.error(f"--folds {max(args.folds)}: with data.n_val={highest.n_val} the folds are "
-                f"0..{n_rows // highest.n_val - 1}")
+    d = next(iter(runs.values())).data  # every run shares the data settings
+    n_rows = 50_000 if d.name == "cifar10" else None  # the five training batches
+    if n_rows and (max(args.folds) + 1) * d.n_val > n_rows:
+        p.error(f"--folds {max(args.folds)}: with data.n_val={d.n_val} the folds are "
+                f"0..{n_rows // d.n_val - 1}")
 
     val: dict[float, list] = {lam: [] for lam in lams}
     test: dict[float, list] = {lam: [] for lam in lams}
