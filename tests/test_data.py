@@ -39,8 +39,8 @@ def test_all_split_holds_out_the_last_n_val_rows_of_the_five_batches(tiny_cifar,
 def test_val_fold_holds_out_another_block_and_trains_on_every_other_row(tiny_cifar, tmp_path):
     url, md5 = tiny_cifar
     folder = data.cifar10_dir(url, md5, tmp_path)  # unpacks the archive
-    y_all = np.concatenate([data.load_batch(folder / f"data_batch_{i}")[1] for i in range(1, 6)])
-    X_all = np.concatenate([data.load_batch(folder / f"data_batch_{i}")[0] for i in range(1, 6)])
+    batches = [data.load_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    X_all, y_all = (np.concatenate(part) for part in zip(*batches, strict=True))
     n = len(y_all)
     ds = data.load_dataset(split="all", n_val=25, val_fold=2, url=url, md5=md5, root=tmp_path)
     np.testing.assert_array_equal(ds.y_val, y_all[n - 75:n - 50])
