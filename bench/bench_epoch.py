@@ -11,10 +11,13 @@ work no trainer can skip. For the plain-SGD nets that floor is layer 1's product
 momentum, plus dropout 0.1) it is every layer's forward, weight-gradient and
 input-gradient products; its augmentation and optimiser steps are also timed alone,
 beside the least time those steps' memory traffic takes at this machine's bandwidth.
-`epoch / products` says how close to its floor the trainer is. With --torch (and
-PyTorch installed: `pip install torch==2.13.0`, for the bench only) an eager PyTorch
-loop doing the same updates is timed too; for the toolbox net it augments with
-mlplab's own FlipTranslate, so both do the same work.
+`epoch / products` says how close to its floor the trainer is. "app's run" times the
+same epoch as a run of the app trains it (`python train.py`): BLAS threads by
+`mlplab.threads`' rule, the training curve on the config's default 5,000 rows; its
+ratio to the plain epoch (BLAS's own threads, the whole split) shows no run got slower.
+With --torch (and PyTorch installed: `pip install torch==2.13.0`, for the bench only)
+an eager PyTorch loop doing the same updates is timed too; for the toolbox net it
+augments with mlplab's own FlipTranslate, so both do the same work.
 Every figure is the median of --repeats rounds in one process, each round timing every
 part once (interleaved, so a slow spell of the machine hits a round, not one part);
 the ratios are medians of each round's ratio.
@@ -32,6 +35,7 @@ from statistics import median
 import numpy as np
 
 from mlplab import augment, data, network, optim, schedules, trainer
+from mlplab.threads import available_cores
 
 N_TRAIN, N_VAL, BATCH, D, K = 45_000, 5_000, 100, 3072, 10
 NETWORKS = {  # name: (hidden sizes, batch norm)
@@ -43,6 +47,7 @@ NETWORKS = {  # name: (hidden sizes, batch norm)
 TOOLBOX_NAME = "3072-1024-1024-10 BN, dropout 0.1, flip_translate, Nesterov"
 TOOLBOX_HIDDEN, TOOLBOX_DROPOUT, TOOLBOX_MAX_SHIFT, TOOLBOX_MOMENTUM = [1024, 1024], 0.1, 4, 0.9
 ETA, LAM = 0.01, 1e-3
+APP_EVAL_ROWS = 5000  # train.eval_train_rows' default
 
 
 def synthetic_dataset(seed=0) -> data.Dataset:
@@ -62,12 +67,12 @@ def toolbox_optimizer():
     return optim.make_optimizer("momentum", momentum=TOOLBOX_MOMENTUM, nesterov=True)
 
 
-def mlplab_epoch(ds, hidden, bn, seed, toolbox=False) -> tuple[float, float]:
-    """(seconds for one epoch of updates, seconds for the two evaluations)."""
-    options = {}
+def mlplab_epoch(ds, hidden, bn, seed, toolbox=False, **options) -> tuple[float, float]:
+    """(seconds for one epoch of updates, seconds for one evaluation); `options` for
+    trainer.train (the app's: threads, eval_train_rows)."""
     if toolbox:
-        options = {"optimizer": toolbox_optimizer(),
-                   "augment": augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)}
+        options |= {"optimizer": toolbox_optimizer(),
+                    "augment": augment.FlipTranslate(max_shift=TOOLBOX_MAX_SHIFT)}
     net = network.init_network(D, hidden, K, bn=bn, rng=seed,
                                dropout=TOOLBOX_DROPOUT if toolbox else 0.0)
     result = trainer.train(net, ds, schedules.Constant(eta=ETA, epochs=1), lam=LAM,
@@ -207,6 +212,10 @@ def main() -> None:
     for name, hidden, bn, toolbox in cases:
         sizes = [D, *hidden, K] if toolbox else [D, hidden[0]]
         timers = {"mlplab": partial(mlplab_epoch, ds, hidden, bn, toolbox=toolbox),
+                  # as a run of the app trains: its thread rule, the training curve on
+                  # the config's default rows
+                  "app": partial(mlplab_epoch, ds, hidden, bn, toolbox=toolbox,
+                                 threads=available_cores(), eval_train_rows=APP_EVAL_ROWS),
                   "products": partial(products, ds, sizes)}
         if toolbox:
             timers |= {"augment": partial(augmentation, ds), "update": update,
@@ -217,6 +226,10 @@ def main() -> None:
         epochs = [epoch for epoch, _ in times["mlplab"]]
         row = {"network": name, "epoch": median(epochs),
                "eval": median(ev for _, ev in times["mlplab"]),
+               "app": median(epoch for epoch, _ in times["app"]),
+               "app_eval": median(ev for _, ev in times["app"]),
+               "app_ratio": median(a / e for (a, _), e in zip(times["app"], epochs,
+                                                              strict=True)),
                "products": median(times["products"]),
                "floor": "all layers" if toolbox else "layer 1",
                # ratios within each round, then their median
@@ -234,8 +247,9 @@ def main() -> None:
     print(f"median of {args.repeats}, {N_TRAIN} rows, batch {BATCH}, "
           f"{'real data' if args.data else 'synthetic data'}")
     head = ("| network | mlplab s/epoch | products s (floor) | epoch / products | "
-            "optimiser steps s (share; memory floor) | augmentation s | eval s |")
-    sep = "|---|---|---|---|---|---|---|"
+            "optimiser steps s (share; memory floor) | augmentation s | eval s | "
+            "app's run: s/epoch (/ mlplab) | app's run: eval s |")
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if args.torch:
         head += " PyTorch eager s/epoch | PyTorch / mlplab |"
         sep += "---|---|"
@@ -247,7 +261,8 @@ def main() -> None:
         if "update_floor" in r:
             upd = f"{upd[:-1]}; {r['update_floor']:.2f})"
         line = (f"| {r['network']} | {r['epoch']:.3f} | {r['products']:.3f} ({r['floor']}) | "
-                f"{r['over_products']:.2f} | {upd} | {aug} | {r['eval']:.3f} |")
+                f"{r['over_products']:.2f} | {upd} | {aug} | {r['eval']:.3f} | "
+                f"{r['app']:.3f} ({r['app_ratio']:.2f}) | {r['app_eval']:.3f} |")
         if args.torch:
             line += f" {r['torch']:.3f} | {r['torch_ratio']:.2f} |"
         print(line)

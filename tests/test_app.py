@@ -75,19 +75,24 @@ def test_run_name_and_extra_tags_reach_the_run(make_cfg, tracking_uri):
     assert run.info.run_name == "baseline" and run.data.tags["note"] == "first"
 
 
-def test_runs_in_one_process_share_the_loaded_dataset(make_cfg, monkeypatch):
-    from mlplab import experiment
+def test_runs_share_the_machines_standardised_data_checked_once_per_process(
+        make_cfg, monkeypatch):
+    from mlplab import datacache
 
-    loads = []
-    real = data.load_dataset
-    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(1) or real(*a, **k))
-    experiment._load_dataset_cached.cache_clear()
+    reads, checks = [], []
+    raw, crc = data._raw_cifar10, datacache.crc32
+    monkeypatch.setattr(data, "_raw_cifar10", lambda *a: reads.append(1) or raw(*a))
+    monkeypatch.setattr(datacache, "crc32", lambda *a: checks.append(1) or crc(*a))
     base = ("schedule.n_s=3", "tracking.log_model=false")
-    run_experiment(make_cfg(*base, "lam=0.1"))
-    run_experiment(make_cfg(*base, "lam=0.2"))        # same data: loaded once
-    assert len(loads) == 1
-    run_experiment(make_cfg(*base, "data.n_train=30"))  # other data: loaded again
-    assert len(loads) == 2
+    first = run_experiment(make_cfg(*base, "lam=0.1"))
+    assert len(reads) == 1, "the first run builds the shared cache from the batches"
+    checked = len(checks)
+    second = run_experiment(make_cfg(*base, "lam=0.2"))
+    assert len(reads) == 1 and len(checks) == checked, \
+        "a later run maps the cache this process already checked: no reading, no CRC"
+    assert first.final != second.final
+    run_experiment(make_cfg(*base, "data.n_train=30"))  # other rows: another cache
+    assert len(reads) == 2
 
 
 @pytest.mark.parametrize("overrides", [

@@ -51,6 +51,8 @@ from mlplab.experiment import build_dataset
     ("augment=flip_translate augment.max_shift=16", "augment.max_shift=16"),
     ("augment.name=mixup", "augment.name='mixup'"),
     ("train.label_smoothing=1.0", "train.label_smoothing=1.0"),
+    ("train.eval_train_rows=0", "train.eval_train_rows=0: must be an integer > 0"),
+    ("train.threads=0", "train.threads=0: must be an integer > 0"),
 ])
 def test_bad_values_fail_before_anything_is_recorded(make_cfg, tracking_uri, override, message):
     cfg = make_cfg(*override.split())

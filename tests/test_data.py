@@ -1,16 +1,24 @@
-"""The CIFAR-10 loader: official layout, checksums, cache, splits, download."""
+"""The CIFAR-10 loader: official layout, checksums, cache, splits, download, and the
+shared cache of standardised splits."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mlplab import data
+from mlplab import data, datacache
 from tests.conftest import TINY_ROWS, write_cifar_archive
 
 
@@ -227,3 +235,215 @@ def test_concurrent_first_downloads_into_one_cache_both_succeed(http_folder, tmp
     assert len({ds.fingerprint for ds in sets}) == 1
     assert data.file_md5(root / data.ARCHIVE_NAME) == md5
     assert not list(root.glob("*.part"))
+
+
+# --- the shared cache of standardised splits -------------------------------------
+
+FOLD_OPTIONS = {"split": "all", "n_val": 30, "val_fold": 1}
+
+
+def _load(tiny_cifar, root, shared_cache=True, **options) -> data.Dataset:
+    url, md5 = tiny_cifar
+    return data.load_dataset(url=url, md5=md5, root=root, shared_cache=shared_cache,
+                             **options)
+
+
+def _cache_folder(tiny_cifar, root, **options) -> Path:
+    full = {"split": "batch1", "n_val": 5000, "val_fold": 0, "n_train": None,
+            "dtype": "float32"} | options
+    return Path(root) / tiny_cifar[1] / data.STANDARDISED_DIR / data.cache_key(**full)
+
+
+def _assert_bit_identical(a: data.Dataset, b: data.Dataset) -> None:
+    for name in data.ARRAY_NAMES:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), name
+        assert x.tobytes() == y.tobytes(), name
+    assert a.fingerprint == b.fingerprint
+
+
+def _manifest_identity(folder: Path) -> tuple[int, int]:
+    st = (folder / datacache.MANIFEST).stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("options", [FOLD_OPTIONS, {"split": "batch1"}],
+                         ids=["all-fold1", "batch1"])
+def test_shared_cache_arrays_equal_the_in_memory_ones_bit_for_bit(tiny_cifar, tmp_path,
+                                                                  options):
+    cached = _load(tiny_cifar, tmp_path, **options)
+    assert isinstance(cached.X_train, np.memmap)
+    _assert_bit_identical(cached, _load(tiny_cifar, tmp_path, shared_cache=False, **options))
+
+
+def test_a_second_load_maps_the_existing_cache_read_only_without_the_batches(
+        tiny_cifar, tmp_path, monkeypatch, caplog):
+    first = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    folder = _cache_folder(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    made = _manifest_identity(folder)
+
+    def no_batches(*args):
+        raise AssertionError("the batches were read again")
+
+    monkeypatch.setattr(data, "_raw_cifar10", no_batches)
+    with caplog.at_level(logging.WARNING):
+        again = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    assert not caplog.records
+    assert _manifest_identity(folder) == made  # not rebuilt
+    _assert_bit_identical(first, again)
+    for name in data.ARRAY_NAMES:
+        a = getattr(again, name)
+        assert isinstance(a, np.memmap) and not a.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o444)}
+
+
+def test_different_options_get_different_cache_folders(tiny_cifar, tmp_path):
+    a = _load(tiny_cifar, tmp_path, split="all", n_val=30)
+    b = _load(tiny_cifar, tmp_path, split="all", n_val=20)
+    assert len(a.y_val) == 30 and len(b.y_val) == 20 and a.fingerprint != b.fingerprint
+    for n_val in (30, 20):
+        assert (_cache_folder(tiny_cifar, tmp_path, split="all", n_val=n_val)
+                / datacache.MANIFEST).exists()
+    assert data.cache_key(split="all", n_val=5000, val_fold=0, n_train=None,
+                          dtype="float32") == "all-nval5000-fold0-ntrainall-float32"
+
+
+def _writable(path: Path) -> Path:
+    path.chmod(0o644)
+    return path
+
+
+def _flip_a_data_byte(folder: Path):
+    with open(_writable(folder / "X_train.npy"), "r+b") as f:
+        f.seek(-5, os.SEEK_END)  # the data: the header is at the start
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _truncate(folder: Path):
+    path = _writable(folder / "y_val.npy")
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def _delete(folder: Path):
+    (folder / "std.npy").unlink()
+
+
+def _other_format(folder: Path):
+    path = _writable(folder / datacache.MANIFEST)
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | {"format": datacache.FORMAT_VERSION + 1}))
+
+
+def _garble_manifest(folder: Path):
+    _writable(folder / datacache.MANIFEST).write_text('{"format": 1, "arr')
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_flip_a_data_byte, "X_train.npy: the CRC-32"),
+    (_truncate, "y_val.npy has .* bytes"),
+    (_delete, "std.npy is missing"),
+    (_other_format, "has format 2"),
+    (_garble_manifest, "does not parse"),
+], ids=["flipped-byte", "truncated", "missing", "stale-format", "unparsable-manifest"])
+def test_a_damaged_cache_is_rebuilt_never_used(tiny_cifar, tmp_path, caplog, damage, says):
+    _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    folder = _cache_folder(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    damage(folder)
+    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+        rebuilt = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    [warning] = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert "rebuilding" in warning.getMessage()
+    assert re.search(says, warning.getMessage())
+    _assert_bit_identical(rebuilt, _load(tiny_cifar, tmp_path, shared_cache=False,
+                                         **FOLD_OPTIONS))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+        _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    assert not caplog.records  # whole again
+
+
+LOAD_WHEN_TOLD = """
+import sys, time, zlib
+from pathlib import Path
+from mlplab import data, datacache
+url, md5, root, go = sys.argv[1:]
+while not Path(go).exists():  # a start line: both processes find no cache at once
+    time.sleep(0.001)
+ds = data.load_dataset(split="all", n_val=30, val_fold=1, url=url, md5=md5, root=root,
+                       shared_cache=True)
+manifest = Path(ds.X_train.filename).parent / datacache.MANIFEST
+print(ds.fingerprint, zlib.crc32(ds.X_train.tobytes()), manifest.stat().st_ino,
+      manifest.stat().st_mtime_ns)
+"""
+
+
+def test_two_processes_building_at_once_end_with_one_valid_cache(tiny_cifar, tmp_path,
+                                                                 caplog):
+    url, md5 = tiny_cifar
+    data.cifar10_dir(url, md5, tmp_path)  # extracted already: the race is the cache's
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD_WHEN_TOLD, url, md5,
+                               str(tmp_path), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    go.touch()
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    [line] = {out for out, _ in outputs}  # the same arrays, the same manifest file
+
+    folder = _cache_folder(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name,
+                                                               folder.name + ".lock"]
+    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+        ds = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
+    assert not caplog.records  # the cache they left is whole
+    ino, mtime = _manifest_identity(folder)
+    expected = _load(tiny_cifar, tmp_path, shared_cache=False, **FOLD_OPTIONS)
+    assert line.split() == [expected.fingerprint, str(zlib.crc32(expected.X_train.tobytes())),
+                            str(ino), str(mtime)]
+    _assert_bit_identical(ds, expected)
+
+
+def test_digits_ignore_shared_cache_and_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPLAB_DATA", str(tmp_path / "data"))
+    ds = data.load_dataset("digits", n_val=300, shared_cache=True)
+    assert not isinstance(ds.X_train, np.memmap) and not (tmp_path / "data").exists()
+    _assert_bit_identical(ds, data.load_dataset("digits", n_val=300))
+
+
+def test_crc32_in_blocks_equals_zlib_over_the_whole_bytes():
+    a = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    assert datacache.crc32(a, block=7) == datacache.crc32(a) == zlib.crc32(a.tobytes())
+
+
+def test_a_cache_made_from_other_meta_is_stale_and_rebuilt(tmp_path, caplog):
+    builds = []
+
+    def build(value):
+        builds.append(value)
+        return {"a": np.full(3, value, np.int64)}
+
+    folder = tmp_path / "key"
+    first = datacache.load_or_build(folder, {"v": 1}, ["a"], lambda: build(1))
+    assert datacache.load_or_build(folder, {"v": 1}, ["a"], lambda: build(9))["a"][0] == 1
+    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+        second = datacache.load_or_build(folder, {"v": 2}, ["a"], lambda: build(2))
+    assert builds == [1, 2] and "is for {'v': 1}" in caplog.text
+    assert list(first["a"]) == [1, 1, 1] and list(second["a"]) == [2, 2, 2]
+
+
+def test_debris_of_a_killed_builder_is_cleared_before_building(tmp_path):
+    folder = tmp_path / "key"
+    debris = tmp_path / ".key.building"
+    debris.mkdir()
+    (debris / "a.npy").write_bytes(b"half")
+    (debris / "a.npy").chmod(datacache.READ_ONLY)
+    arrays = datacache.load_or_build(folder, {}, ["a"], lambda: {"a": np.ones(2)})
+    assert list(arrays["a"]) == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key", "key.lock"]

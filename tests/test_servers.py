@@ -173,7 +173,8 @@ def tiny_search(tiny_cifar, data_root: Path, study: str) -> list[str]:
             f"hydra.sweeper.study_name={study}", "hydra.sweeper.stages.0.n_trials=3",
             "hydra.sweeper.stages.1.n_trials=2",
             "hydra.sweeper.final.overrides=['data.n_val=20','schedule.cycles=3',"
-            "'tracking.log_model=true']",
+            "'tracking.log_model=true','tracking.log_plots=true']",
+            "hydra.sweeper.workers=1",  # the test starts each worker itself
             "hydra.sweeper.heartbeat_seconds=1", "hydra.sweeper.stale_seconds=6"]
 
 

@@ -18,11 +18,11 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.mlplab_optuna_sweeper import _space
+from hydra_plugins.mlplab_optuna_sweeper import _parallel, _space
 from hydra_plugins.mlplab_optuna_sweeper._driver import narrowed
 from hydra_plugins.mlplab_optuna_sweeper._records import Candidate, StageRecord, choose
 from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
-from mlplab import trainer
+from mlplab import threads, trainer
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import main
 
@@ -145,7 +145,8 @@ def _overrides(tmp_path, tiny_cifar, tracking_uri, *extra, storage="journal"):
             f"data.root={tmp_path / 'data'}", "data.n_val=30", "train.batch_size=10",
             "model.layers=[8]", "schedule.n_s=6", "schedule.n_s_k=null",
             f"tracking.uri={tracking_uri}", f"hydra.sweeper.storage={store}",
-            f"hydra.sweeper.study_name={STUDY}", "hydra.sweeper.heartbeat_seconds=0.5",
+            f"hydra.sweeper.study_name={STUDY}", "hydra.sweeper.workers=1",
+            "hydra.sweeper.heartbeat_seconds=0.5",
             "hydra.sweeper.stale_seconds=5",
             "hydra.sweeper.final.overrides=['data.n_val=20','schedule.cycles=3']", *extra]
 
@@ -699,6 +700,47 @@ def test_two_workers_choosing_in_the_last_stage_agree_on_one_winner_and_retrain_
     assert len(workers_seen) == 2, "both workers ran trials"
     _, parent, _ = _parent_and_children(tracking_uri)
     assert parent.data.tags["best.lam"] == str(winner)
+
+
+def _trials(studies) -> dict:
+    """(stage, number) -> (params, value) of every counted trial."""
+    return {(name, t.number): (t.params, t.value) for name, study in studies.items()
+            if name != "sweep" for t in _counted(study)}
+
+
+def test_trials_run_in_parallel_workers_with_the_planned_threads_and_the_same_results(
+        tmp_path, tiny_cifar, empty_mlflow_db, start_worker):
+    # one sweep with the default plan (a worker per core: started by the sweep itself),
+    # one with a single worker, each in a folder of its own, same seed
+    searches = {}
+    for name, workers in (("parallel", 2), ("serial", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(empty_mlflow_db, folder / "mlflow.db")
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        overrides = [*_overrides(folder, tiny_cifar, uri, "schedule.n_s=60",
+                                 "hydra.sweeper.stages=[{n_trials: 4}, {n_trials: 3}]"),
+                     f"hydra.sweeper.workers={workers}"]
+        proc, log = start_worker(overrides, name)
+        assert proc.wait(timeout=240) == 0, log.read_text()
+        searches[name] = (folder, uri, log)
+
+    folder, uri, log = searches["parallel"]
+    studies = _studies(folder)
+    helper_log = tmp_path / "parallel" / "worker1" / "worker.log"
+    assert "worker 1 started" in log.read_text() and helper_log.exists()
+    workers_seen = {t.user_attrs["worker"] for s in ("stage0", "stage1")
+                    for t in _counted(studies[s])}
+    assert len(workers_seen) == 2, "both workers ran trials"
+    assert _trials(studies) == _trials(_studies(searches["serial"][0])), \
+        "the same seed gives the same trials, whichever worker ran them"
+
+    plan = _parallel.plan(threads.available_cores(), 2, 1, _parallel.BASIC_LAUNCHER)
+    _, parent, children = _parent_and_children(uri)
+    assert parent.info.status == "FINISHED" and parent.data.params["workers"] == "2"
+    for run in children:  # read back inside the trial with threadpoolctl
+        planned = plan.threads({"0": 4, "1": 3, "final": 1}[run.data.tags["stage"]])
+        assert run.data.params["threads.eval"] == str(planned), run.data.tags
 
 
 def test_a_killed_workers_running_trial_goes_stale_and_a_rerun_replaces_it(

@@ -48,6 +48,36 @@ def test_evaluation_points_are_spread_over_each_cycle_and_include_both_ends(digi
             "val_acc"} <= set(records[0])
 
 
+def test_the_training_curve_reads_the_same_evenly_spaced_rows_at_every_point(
+        digits, monkeypatch):
+    seen = []
+    real = network.evaluate
+    monkeypatch.setattr(network, "evaluate",
+                        lambda net, X, y, lam: seen.append(X.copy()) or real(net, X, y, lam))
+    net, result = _train(digits, eval_train_rows=100)
+    n = len(digits.y_train)
+    rows = np.arange(100) * n // 100
+    assert len(np.unique(rows)) == 100 and rows[-1] > 0.98 * n  # spread to the end
+    train_evals = seen[0::2][:len(result.history)]  # each point: train, then val
+    assert all(np.array_equal(X, digits.X_train[rows]) for X in train_evals)
+    assert all(len(X) == len(digits.y_val) for X in seen[1::2][:len(result.history)])
+    expect = network.evaluate(net, digits.X_train[rows], digits.y_train[rows], 1e-3)
+    assert result.final["train_acc"] == expect["acc"]
+
+
+def test_a_training_split_smaller_than_the_subset_is_evaluated_whole(digits):
+    _, whole = _train(digits, eval_train_rows=None)
+    _, more = _train(digits, eval_train_rows=10**6)
+    assert whole.history == more.history
+
+
+def test_the_threads_each_phase_ran_with_are_read_back(digits):
+    _, result = _train(digits, threads=1)
+    assert result.extra["threads"] == {"update": 1, "eval": 1}
+    _, untouched = _train(digits)
+    assert "threads" not in untouched.extra
+
+
 def test_progress_is_reported_every_so_many_steps_and_can_stop_training(digits):
     # the app checks its tracking there: an error raised stops training at once
     seen = []
@@ -211,6 +241,8 @@ def test_the_augmentation_sees_every_batch_with_a_stream_of_the_trainers_rng(dig
     ({"lam": -1.0}, "lam=-1.0: must be finite and >= 0"),
     ({"lam": float("nan")}, "lam=nan"),
     ({"label_smoothing": 1.0}, "label_smoothing=1.0: must be in [0, 1)"),
+    ({"eval_train_rows": 0}, "eval_train_rows=0: must be an integer > 0"),
+    ({"threads": 0}, "threads=0: must be an integer > 0"),
 ])
 def test_bad_arguments_raise_argument_error_naming_the_argument(digits, kwargs, message):
     net = network.init_network(64, [], 10, rng=0)

@@ -124,6 +124,8 @@ class TrainConfig:
     dtype: str = "float32"
     evals_per_cycle: int = 10
     label_smoothing: float = 0.0
+    eval_train_rows: int | None = 5000  # None: the whole training split
+    threads: int | None = None  # BLAS threads of this run; None: every core it may use
     progress: bool = True
 
 
@@ -134,6 +136,7 @@ class TrackingConfig:
     experiment: str = "mlplab"
     run_name: str | None = None
     log_model: bool = True
+    log_plots: bool = True  # curves.png (and a 1-layer net's class templates)
     parent_run_id: str | None = None
 
 

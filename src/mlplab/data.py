@@ -5,6 +5,11 @@ or a plain path), its MD5 checked, and extracted once under `root/<md5>/`, so a 
 made from one archive is never taken for another. Downloads go to a `.part` file and
 extraction to a temporary folder that is renamed into place only when complete: an
 interrupted run leaves nothing that passes for a good cache.
+
+With `shared_cache=True` the standardised splits are kept too, under
+`root/<md5>/standardised/<options>/` (see `mlplab.datacache`): built once per machine,
+mapped read-only so that parallel processes share one copy in memory, checked against
+their manifest on every load, and rebuilt when damaged or stale.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlplab import checks
+from mlplab import checks, datacache
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -37,6 +42,10 @@ DATASETS = ("cifar10", "digits")
 DTYPES = ("float32", "float64")  # training in float32; float64 for gradient checks
 DIGITS_TEST_FRACTION = 0.2
 COMPLETE_MARKER = ".complete"
+STANDARDISED_DIR = "standardised"  # in root/<md5>/: the shared cache of standardised splits
+# What _split_and_standardise computes; bump it when that changes: older caches are then stale.
+STANDARDISED_RECIPE = 1
+ARRAY_NAMES = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test", "mean", "std")
 
 
 class DataError(RuntimeError):
@@ -289,7 +298,8 @@ def check_options(name: str, *, split: str = "batch1", n_val: int = 5000, val_fo
 
 
 def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_train=None,
-                 url=CIFAR10_URL, md5=CIFAR10_MD5, root=None, dtype=np.float32) -> Dataset:
+                 url=CIFAR10_URL, md5=CIFAR10_MD5, root=None, dtype=np.float32,
+                 shared_cache: bool = False) -> Dataset:
     """Load, split and standardise.
 
     split "batch1": train on data_batch_1, validate on data_batch_2.
@@ -298,17 +308,36 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_tr
     the last), so that different folds validate on different images.
     `n_train` keeps only the first n training rows (sanity checks, quick tests).
     Test is always `test_batch`. For "digits" both splits hold out `n_val` rows.
+    `shared_cache` (CIFAR-10 only; digits are too small to need it): the standardised
+    splits are kept under `root/<md5>/standardised/<options>/` and returned as
+    read-only np.memmap arrays, so processes on one machine compute them once and
+    share one copy in memory; the same values as without it, bit for bit. Every load
+    checks the files (sizes, CRC-32s); a damaged or stale cache is rebuilt, never used.
     """
     check_options(name, split=split, n_val=n_val, val_fold=val_fold, n_train=n_train,
                   dtype=np.dtype(dtype).name)
-    if name == "cifar10":
-        X, y, X_test, y_test, sizes = _raw_cifar10(url, md5, root, split)
-        shape, classes, source = (32, 32, 3), CIFAR10_CLASSES, url
-    else:
+    options = {"split": split, "n_val": int(n_val), "val_fold": int(val_fold),
+               "n_train": n_train, "dtype": np.dtype(dtype).name}
+    if name == "digits":
         X, y, X_test, y_test = _raw_digits()
-        sizes = [len(y)]
-        split, shape, classes, source = "all", (8, 8, 1), tuple(str(i) for i in range(10)), \
-            "sklearn.datasets.load_digits"
+        options["split"] = "all"  # digits have no batches: both splits hold out n_val rows
+        arrays = _split_and_standardise(X, y, X_test, y_test, [len(y)], **options)
+        return Dataset(**arrays, image_shape=(8, 8, 1),
+                       class_names=tuple(str(i) for i in range(10)), name=name,
+                       source="sklearn.datasets.load_digits")
+    if shared_cache:
+        arrays = _shared_cifar10(url, md5, root, options)
+    else:
+        arrays = _split_and_standardise(*_raw_cifar10(url, md5, root, split), **options)
+    return Dataset(**arrays, image_shape=(32, 32, 3), class_names=CIFAR10_CLASSES,
+                   name=name, source=url)
+
+
+def _split_and_standardise(X, y, X_test, y_test, sizes, *, split, n_val, val_fold, n_train,
+                           dtype) -> dict[str, np.ndarray]:
+    """Raw rows X: (n, d) uint8, y: (n,) int64 of the training batches (`sizes` rows
+    each) and the test batch -> {name: array} of ARRAY_NAMES, X_* and mean/std in
+    `dtype`."""
     if split == "all" and not 0 < n_val < len(y):
         raise DataError(f"data.n_val={n_val} must be between 1 and {len(y) - 1} "
                         f"(the {len(y)} rows of the training batches)")
@@ -322,5 +351,25 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_tr
             raise DataError(f"data.n_train={n_train} must be between 1 and {len(y_tr)}")
         X_tr, y_tr = X_tr[:n_train], y_tr[:n_train]
     mean, std, X_tr, X_va, X_te = standardise(X_tr, X_va, X_test, dtype=dtype)
-    return Dataset(X_tr, y_tr, X_va, y_va, X_te, y_test, mean, std, shape, classes,
-                   name, source)
+    return dict(zip(ARRAY_NAMES, (X_tr, y_tr, X_va, y_va, X_te, y_test, mean, std),
+                    strict=True))
+
+
+def cache_key(*, split, n_val, val_fold, n_train, dtype) -> str:
+    """The shared cache's folder name: every option that changes the standardised
+    arrays, readable, e.g. "all-nval5000-fold0-ntrainall-float32"."""
+    n_train = "all" if n_train is None else n_train
+    return f"{split}-nval{n_val}-fold{val_fold}-ntrain{n_train}-{np.dtype(dtype).name}"
+
+
+def _shared_cifar10(url, md5, root, options: dict) -> dict[str, np.memmap]:
+    """The standardised CIFAR-10 splits from the machine's shared cache, built first
+    if it is missing, damaged or stale."""
+    # The batches are extracted first: a cache inside a half-extracted folder would be
+    # deleted with it as debris.
+    archive_dir = cifar10_dir(url, md5, root).parent
+    meta = {"archive_md5": md5.lower(), "recipe": STANDARDISED_RECIPE, "options": options}
+    return datacache.load_or_build(
+        archive_dir / STANDARDISED_DIR / cache_key(**options), meta, ARRAY_NAMES,
+        lambda: _split_and_standardise(*_raw_cifar10(url, md5, root, options["split"]),
+                                       **options))

@@ -9,8 +9,6 @@ value stops a run before anything is loaded, trained or recorded.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 
@@ -33,7 +31,8 @@ def validate(cfg: DictConfig) -> None:
                                    bn_momentum=m.bn_momentum, dropout=dropout_rates(cfg))
     with keyed("train.", lam="lam"):
         trainer.check_options(lam=cfg.lam, evals_per_cycle=t.evals_per_cycle,
-                              label_smoothing=t.label_smoothing)
+                              label_smoothing=t.label_smoothing,
+                              eval_train_rows=t.eval_train_rows, threads=t.threads)
         checks.positive_int("batch_size", t.batch_size)
         checks.non_negative_int("seed", t.seed)
     build_schedule(cfg, n_train=t.batch_size)  # one step an epoch: the data's size aside
@@ -42,20 +41,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 def build_dataset(cfg: DictConfig) -> Dataset:
+    """The run's data from the machine's shared cache of standardised splits (see
+    mlplab.data): every process of a sweep maps the same read-only copy, and a run
+    holds it only while it trains, so a worker waiting for others holds none."""
     d = cfg.data
-    return _load_dataset_cached(d.name, d.split, d.n_val, d.val_fold, d.n_train, d.url, d.md5,
-                                d.root, cfg.train.dtype)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_dataset_cached(name, split, n_val, val_fold, n_train, url, md5, root,
-                         dtype) -> Dataset:
-    """The last dataset stays loaded: sweep trials in one process (Hydra's basic
-    launcher, a joblib worker) share it instead of re-reading ~0.7 GB each. Nothing
-    writes to a Dataset's arrays, so sharing is safe."""
-    return data.load_dataset(name, split=split, n_val=n_val, val_fold=val_fold,
-                             n_train=n_train, url=url, md5=md5, root=root,
-                             dtype=np.dtype(dtype))
+    return data.load_dataset(d.name, split=d.split, n_val=d.n_val, val_fold=d.val_fold,
+                             n_train=d.n_train, url=d.url, md5=d.md5, root=d.root,
+                             dtype=np.dtype(cfg.train.dtype), shared_cache=True)
 
 
 def build_schedule(cfg: DictConfig, n_train: int):

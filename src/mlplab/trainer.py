@@ -3,10 +3,13 @@
 Plain code: shuffle every epoch, walk the batches (augmented, if asked), take a step
 of the optimiser (plain SGD by default) at the rate the schedule gives, and at each
 evaluation point measure loss, cost and accuracy on the training and validation
-splits. `on_eval` receives each record as it is made (the app uses it to log to
-MLflow) and may stop training there by returning True (a sweep prunes a hopeless
-trial so), `on_progress` the step every PROGRESS_EVERY steps (the app checks its
-tracking there); nothing here knows about tracking or sweeps.
+splits (the training split on a fixed subset of its rows, if asked: the curve needs
+no more, and evaluating all of it can cost half as much as training). Each phase runs
+with the BLAS threads `mlplab.threads` gives it. `on_eval` receives each record as it
+is made (the app uses it to log to MLflow) and may stop training there by returning
+True (a sweep prunes a hopeless trial so), `on_progress` the step every
+PROGRESS_EVERY steps (the app checks its tracking there); nothing here knows about
+tracking or sweeps.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import checks, layers, network, optim
+from mlplab import checks, layers, network, optim, threads
 from mlplab.data import Dataset
 from mlplab.network import Network
 
@@ -69,26 +72,40 @@ def eval_steps(total: int, every: int) -> list[int]:
     return steps if steps[-1] == total else steps + [total]
 
 
-def evaluate_splits(net: Network, data: Dataset, lam: float, splits=("train", "val")):
+def evaluate_splits(net: Network, splits: dict, lam: float) -> dict[str, float]:
+    """{"<split>_loss", "_cost", "_acc"} of each split: {name: (X: (n, d), y: (n,))}."""
     record = {}
-    for split in splits:
-        X, y = getattr(data, f"X_{split}"), getattr(data, f"y_{split}")
+    for split, (X, y) in splits.items():
         for key, value in network.evaluate(net, X, y, lam).items():
             record[f"{split}_{key}"] = value
     return record
 
 
-def check_options(*, lam: float, evals_per_cycle: int = 10,
-                  label_smoothing: float = 0.0) -> None:
+def eval_rows(n: int, rows: int | None) -> np.ndarray | slice:
+    """The rows of an n-row split that evaluation reads: `rows` evenly spaced ones
+    (the same at every point of every run on that split), or all (None, or rows >= n).
+    Evenly spaced rather than the first: a split's order may not be random."""
+    if rows is None or rows >= n:
+        return slice(None)
+    return np.arange(rows) * n // rows
+
+
+def check_options(*, lam: float, evals_per_cycle: int = 10, label_smoothing: float = 0.0,
+                  eval_train_rows: int | None = None, threads: int | None = None) -> None:
     """Check train's settings that do not depend on the data."""
     checks.non_negative("lam", lam)
     checks.positive_int("evals_per_cycle", evals_per_cycle)
     checks.fraction("label_smoothing", label_smoothing)
+    if eval_train_rows is not None:
+        checks.positive_int("eval_train_rows", eval_train_rows)
+    if threads is not None:
+        checks.positive_int("threads", threads)
 
 
 def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
           rng=None, evals_per_cycle: int = 10, optimizer=None, augment=None,
-          label_smoothing: float = 0.0,
+          label_smoothing: float = 0.0, eval_train_rows: int | None = None,
+          threads: int | None = None,
           on_eval: Callable[[dict], bool | None] | None = None,
           on_progress: Callable[[int], None] | None = None, progress: bool = True) -> Result:
     """Train `net` in place on `data` with `schedule` (see mlplab.schedules).
@@ -98,7 +115,11 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     (Xb: (b, d), rng) -> (b, d) applied to every training batch, e.g.
     augment.FlipTranslate(); None leaves batches as they are. label_smoothing: in
     [0, 1), for the training loss only (evaluation reports the plain cross-entropy).
-    Dropout is the network's (net.dropout).
+    Dropout is the network's (net.dropout). eval_train_rows: evaluate the training
+    split on that many evenly spaced rows (None: all; validation is always whole).
+    threads: the BLAS threads this run may use (mlplab.threads: all of them for
+    evaluation, fewer for small update steps); None leaves BLAS as it is. The
+    threads each phase ran with are in `result.extra["threads"]`.
 
     Randomness comes from `rng` alone: it shuffles, and two streams spawned from it
     draw the dropout masks and the augmentations, so switching either on changes
@@ -111,7 +132,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     rng = np.random.default_rng(rng)
     X, y = data.X_train, data.y_train
     n = len(y)
-    check_options(lam=lam, evals_per_cycle=evals_per_cycle, label_smoothing=label_smoothing)
+    check_options(lam=lam, evals_per_cycle=evals_per_cycle, label_smoothing=label_smoothing,
+                  eval_train_rows=eval_train_rows, threads=threads)
     checks.require(isinstance(batch_size, (int, np.integer)) and 0 < batch_size <= n,
                    "batch_size", batch_size, f"must be between 1 and the {n} training rows")
     dropout_rng, augment_rng = rng.spawn(2)
@@ -123,6 +145,9 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     total = schedule.total_steps(per_epoch)
     rates = schedule.rates(total)
     checkpoints = eval_steps(total, schedule.eval_every(per_epoch, evals_per_cycle))
+    fit_rows = eval_rows(n, eval_train_rows)
+    splits = {"train": (X[fit_rows], y[fit_rows]), "val": (data.X_val, data.y_val)}
+    phases = threads_of(net, batch_size, threads)
     history: list[dict[str, float]] = []
     t_train = t_eval = 0.0
 
@@ -133,7 +158,8 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
         t0 = time.perf_counter()
         rec = {"step": step, "epoch": step / per_epoch,
                "lr": float(rates[min(step, total - 1)])}
-        rec |= evaluate_splits(net, data, lam)
+        with phases.evaluate():
+            rec |= evaluate_splits(net, splits, lam)
         t_eval += time.perf_counter() - t0
         if not math.isfinite(rec["train_cost"]):
             raise Diverged(step, rec["train_cost"])
@@ -145,6 +171,7 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
     due = next(next_eval)
     step = 0
     stopped = False
+    phases.start()
     try:
         while True:
             if step == due:
@@ -176,13 +203,23 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
                     if stopped:
                         break
             t_train += time.perf_counter() - t0
+        # The last evaluation point is the end of training: only the test split is new.
+        final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
+        with phases.evaluate():
+            final |= evaluate_splits(net, {"test": (data.X_test, data.y_test)}, lam)
     finally:
+        phases.stop()
         if bar is not None:
             bar.close()
-    # The last evaluation point is the end of training: only the test split is new.
-    final = {k: v for k, v in history[-1].items() if k.startswith(("train_", "val_"))}
-    final |= evaluate_splits(net, data, lam, ("test",))
-    return Result(history, final, t_train, t_eval, step, stopped=stopped)
+    return Result(history, final, t_train, t_eval, step, stopped=stopped,
+                  extra={"threads": phases.used} if threads else {})
+
+
+def threads_of(net: Network, batch_size: int, n: int | None):
+    """The thread limit of each phase for a run given n threads (None: untouched)."""
+    if n is None:
+        return threads.Unchanged()
+    return threads.Phases(n, threads.step_macs(net.sizes, batch_size))
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -49,14 +49,14 @@ from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from mlplab import tracking
+from mlplab import threads, tracking
 from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
 
-from . import _pruning, _space, _studies
+from . import _parallel, _pruning, _space, _studies
 from ._records import (
     CHOOSE,
     FINAL,
@@ -73,7 +73,7 @@ from ._studies import DROPPED, FAILURE, WORKER, Heartbeat, Ledger
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 5.0  # longest wait between looks at other workers' running trials
+POLL_SECONDS = 0.5  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
 CHOOSE_IN = ("final", "last_stage")  # where the final step compares its candidates
 SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
@@ -132,6 +132,8 @@ def check(s: DictConfig) -> None:
     require(s.direction in DIRECTIONS, f"direction={s.direction!r}: allowed {DIRECTIONS}")
     require(s.n_trials >= 1, f"n_trials={s.n_trials}: must be >= 1")
     require(s.n_jobs >= 1, f"n_jobs={s.n_jobs}: must be >= 1")
+    require(s.workers is None or s.workers >= 1,
+            f"workers={s.workers}: allowed null (one per core) or an int >= 1")
     require(s.top_k >= 1, f"top_k={s.top_k}: must be >= 1")
     require(s.margin >= 0, f"margin={s.margin}: must be >= 0 (decades)")
     require(s.heartbeat_seconds > 0, f"heartbeat_seconds={s.heartbeat_seconds}: must be > 0")
@@ -203,6 +205,11 @@ class Sweep:
         self.maximize = settings.direction == "maximize"
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
+        self.plan = _parallel.plan(threads.available_cores(), settings.workers,
+                                   settings.n_jobs, config.hydra.launcher._target_)
+        self.helper = _parallel.is_helper()  # started by another worker of this sweep
+        # Hydra's basic launcher composes each job in this process; others in theirs
+        self.composes_here = config.hydra.launcher._target_ == _parallel.BASIC_LAUNCHER
         self.started = datetime.now()  # Optuna's trial times are local, naive
         self.job_idx = 0
         self.launched: dict[str, list[int]] = {}  # stage -> trial numbers run by this worker
@@ -215,12 +222,36 @@ class Sweep:
             raise ConfigError("nothing to search: give hydra.sweeper.params or a sweep "
                               "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
         stages = plan(s)
-        self._check_config(stages, params, fixed)
         storage_url = self._storage_url()
-        storage = _studies.open_storage(storage_url)
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
-        sweep_study, created = _studies.open_study(storage, name, s.direction)
-        self._check_resume(sweep_study, storage, name, search_settings(s, params, stages))
+        # the other workers start first: their start-up (imports, MLflow) overlaps this
+        # one's; a bad setting found below stops them with it
+        with self._helpers(storage_url, name):
+            self._check_config(stages, params, fixed)
+            storage = _studies.open_storage(storage_url)
+            sweep_study, created = _studies.open_study(storage, name, s.direction)
+            self._check_resume(sweep_study, storage, name,
+                               search_settings(s, params, stages))
+            return self._run(stages, params, fixed, storage, storage_url, name,
+                             sweep_study, created)
+
+    def _helpers(self, storage_url: str | None, name: str) -> _parallel.Helpers:
+        """The other local workers of the plan (none in a worker that is one): the same
+        command with the same storage, study and worker count."""
+        count = 0 if self.helper else self.plan.workers - 1
+        same = [f"hydra.sweeper.workers={self.plan.workers}"]
+        if self.s.storage is None and storage_url is not None:  # this run's journal
+            same.append(f"hydra.sweeper.storage={Transformer.str(storage_url)}")
+        if self.s.study_name is None:  # a name made up by this run
+            same.append(f"hydra.sweeper.study_name={Transformer.str(name)}")
+        if count:
+            log.info("%d workers on %d cores, one trial at a time each", self.plan.workers,
+                     self.plan.cores)
+        return _parallel.Helpers(count, Path(self.config.hydra.sweep.dir), same)
+
+    def _run(self, stages, params, fixed, storage, storage_url, name, sweep_study,
+             created) -> list[StageRecord]:
+        s = self.s
         self.uri = tracking.resolve_uri(self.config.tracking.uri)
         parent = ParentRun(self.uri, self.config.tracking.experiment)
         parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url))
@@ -229,7 +260,8 @@ class Sweep:
                  mask_password(self.uri))
         parent.log_params({
             "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
-            "n_jobs": s.n_jobs, "top_k": s.top_k, "margin": s.margin,
+            "n_jobs": s.n_jobs, "workers": self.plan.workers, "cores": self.plan.cores,
+            "top_k": s.top_k, "margin": s.margin,
             "pruner": " ".join(f"{k}={v}" for k, v in self.pruner.items()),
             "fixed_overrides": " ".join(fixed),
             **{f"space.{p.name}": _space.describe(p) for p in params},
@@ -252,22 +284,27 @@ class Sweep:
                             f"stage {stage.label}: none of its {len(record.trials)} trials "
                             "completed (failures: see the log and the trials' runs in "
                             "MLflow)")
-            parent.write_summary(records, s.top_k, self.maximize)
+            if not self.helper:  # the worker that started the others sums up
+                parent.write_summary(records, s.top_k, self.maximize)
             status = "FINISHED"
         except SweepFailed:
-            parent.write_summary(records, s.top_k, self.maximize)  # what was tried
+            if not self.helper:
+                parent.write_summary(records, s.top_k, self.maximize)  # what was tried
             raise
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            parent.set_status(status)
+            if not self.helper:
+                parent.set_status(status)
         return records
 
     def _storage_url(self) -> str | None:
-        """The configured storage; with a pruner and none configured, a journal file in
-        the sweep's folder: the jobs, maybe in other processes, report to it."""
-        if self.s.storage is not None or self.pruner["name"] == "none":
+        """The configured storage; with a pruner or several workers and none
+        configured, a journal file in the sweep's folder: the jobs and workers, in
+        other processes, share it."""
+        if self.s.storage is not None or (self.pruner["name"] == "none"
+                                          and self.plan.workers == 1):
             return self.s.storage
         return _studies.JOURNAL_PREFIX + str(Path(self.config.hydra.sweep.dir)
                                              / "optuna-journal.log")
@@ -501,8 +538,9 @@ class Sweep:
             if not batch:
                 return
             overrides = [self._overrides(ctx, t, space) for t, space in batch]
-            for job in overrides:  # fails here, not in the launcher's process
-                self.compose(job)
+            if not self.composes_here:  # fail here, not in the launcher's processes
+                for job in overrides:
+                    self.compose(job)
             self.launched.setdefault(ctx.stage.label, []).extend(t.number for t, _ in batch)
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
@@ -545,7 +583,11 @@ class Sweep:
         report_to = [] if ctx.storage is None else [
             f"trial.storage={Transformer.str(_studies.describe_storage(ctx.storage))}",
             f"trial.study={Transformer.str(ctx.study_name)}", f"trial.number={trial.number}"]
-        return [*ctx.fixed, *stage.overrides,
+        trial_threads = self.plan.threads(stage.n_trials)
+        threads_ = [] if trial_threads is None or OmegaConf.select(
+            self.config, "train.threads", default=0) is not None else \
+            [f"train.threads={trial_threads}"]  # only where the app has the key, unset
+        return [*threads_, *ctx.fixed, *stage.overrides,
                 *(p.override(trial.params[p.name]) for p in space),
                 # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
                 f"tracking.uri={Transformer.str(mask_password(self.uri))}",

@@ -55,6 +55,11 @@ class MlplabOptunaSweeperConf:
     seed: int | None = None  # sampler seed; null: a fresh one each run
     n_trials: int = 20  # trials of a one-stage search, or of stages that don't say
     n_jobs: int = 1  # trials per launcher batch (run in parallel by e.g. joblib)
+    # trials at once on this machine, each in a worker process of its own taking the
+    # next trial as soon as it is free; null: one per core (Hydra's basic launcher),
+    # 1 with a launcher that runs batches itself. BLAS threads per trial: the cores
+    # shared among the trials that run at once (train.threads, if given, wins)
+    workers: int | None = None
     # null: in memory (no resume; with a pruner, a journal file in the sweep's folder,
     # which the jobs report to); sqlite:///optuna.db, postgresql://...: a database;
     # journal:PATH: Optuna's journal file (safe for several local workers)

@@ -20,7 +20,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import data, experiment, network, passwords, tracking, trainer
+from mlplab import data, experiment, network, passwords, threads, tracking, trainer
 from mlplab.commands.common import (
     CONF_DIR,
     exit_with,
@@ -85,6 +85,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
             return stop_early is not None and stop_early(rec)
 
         result = train(on_eval=on_eval)
+        run.log_params({f"threads.{phase}": str(n) for phase, n in result.extra["threads"].items()})
         final = result.final
         run.log_metrics({"final_train_acc": final["train_acc"],
                          "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
@@ -93,7 +94,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
             run.set_tags({PRUNED: str(result.steps), "mlflow.runName":
                           f"{t_cfg.run_name or experiment.run_name(cfg, net)} PRUNED"})
         _log_outputs(run, resolved, net, ds, result, summary,
-                     t_cfg.log_model and not result.stopped)
+                     t_cfg.log_model and not result.stopped, t_cfg.log_plots)
         seconds = _seconds(result, run.seconds, t_start)
         run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps)
     seconds["tracking"] = run.seconds  # closing the run is on the clock too
@@ -116,7 +117,8 @@ def prepare(cfg: DictConfig):
         rng=np.random.default_rng(shuffle_seed), evals_per_cycle=cfg.train.evals_per_cycle,
         optimizer=experiment.build_optimizer(cfg),
         augment=experiment.build_augment(cfg, ds.image_shape),
-        label_smoothing=cfg.train.label_smoothing, progress=cfg.train.progress)
+        label_smoothing=cfg.train.label_smoothing, eval_train_rows=cfg.train.eval_train_rows,
+        threads=cfg.train.threads or threads.available_cores(), progress=cfg.train.progress)
     return ds, net, experiment.describe(net, schedule), train
 
 
@@ -136,17 +138,21 @@ def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) ->
 
 
 def _log_outputs(run, resolved: dict, net: network.Network, ds: Dataset,
-                 result: trainer.Result, summary: str, log_model: bool) -> None:
-    """The config, the curves figure, the class templates of a 1-layer W and, with
-    `log_model`, the network as a pyfunc model that takes raw images."""
+                 result: trainer.Result, summary: str, log_model: bool,
+                 log_plots: bool) -> None:
+    """The config; with `log_plots` the curves figure and the class templates of a
+    1-layer W (drawing them is a tenth of a second: a sweep's trials skip them); with
+    `log_model` the network as a pyfunc model that takes raw images."""
     from mlplab import plots
 
     with tempfile.TemporaryDirectory(prefix="mlplab-run-") as tmp:
         folder = Path(tmp)
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        plots.plot_curves(result.history, folder / "curves.png", title=summary)
-        artifacts = [folder / "config.yaml", folder / "curves.png"]
-        if net.n_layers == 1:
+        artifacts = [folder / "config.yaml"]
+        if log_plots:
+            plots.plot_curves(result.history, folder / "curves.png", title=summary)
+            artifacts.append(folder / "curves.png")
+        if log_plots and net.n_layers == 1:
             plots.plot_class_templates(net.params["W1"], ds.image_shape, ds.class_names,
                                        folder / "class_templates.png")
             artifacts.append(folder / "class_templates.png")

@@ -1,0 +1,112 @@
+"""Trials in parallel on one machine: how many at once, how many BLAS threads each,
+and the local worker processes that run them.
+
+Hydra's launchers return only when a whole batch has ended, so a batch waits for its
+slowest trial. Instead the sweeper starts `workers - 1` more copies of the same
+command as local workers; each runs one trial at a time and takes the next free one
+as soon as it is done, sharing each stage's budget through the Optuna storage as
+several workers always have (`_studies`). Start-up is paid once per worker.
+
+The plan is a fixed function of the core count and the settings (never a timing):
+- workers: `hydra.sweeper.workers`, or one per core with Hydra's basic launcher (a
+  launcher that runs batches itself, joblib or submitit, keeps one worker);
+- a trial's threads: the cores shared by the trials that can run at once, i.e.
+  cores // min(workers * n_jobs, the stage's trials): a lone final retrain gets
+  every core. A launcher that sends trials to other machines (SLURM) leaves each
+  trial its own machine's cores. `train.threads` given by the user wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HELPER_ENV = "MLPLAB_SWEEP_HELPER"  # set in the workers a sweep starts: their number
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# launchers whose jobs run on this machine, sharing its cores
+LOCAL_LAUNCHERS = (BASIC_LAUNCHER, "hydra_plugins.hydra_joblib_launcher",
+                   "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher")
+STOP_SECONDS = 30.0  # how long a worker has to end its trial after SIGTERM
+
+
+@dataclass(frozen=True)
+class Plan:
+    cores: int
+    workers: int  # processes running trials, this one included
+    per_batch: int  # trials a worker's launcher runs at once (n_jobs)
+    local: bool  # the trials run on this machine
+
+    def threads(self, slots: int) -> int | None:
+        """BLAS threads of a trial of a stage with `slots` trials; None: the trial's
+        own machine decides (not this one's cores)."""
+        if not self.local:
+            return None
+        return max(1, self.cores // max(1, min(self.workers * self.per_batch, slots)))
+
+
+def plan(cores: int, workers: int | None, n_jobs: int, launcher: str) -> Plan:
+    """The plan for a machine with `cores` cores and the sweeper's settings."""
+    basic = launcher == BASIC_LAUNCHER
+    local = launcher.startswith(LOCAL_LAUNCHERS)
+    if workers is None:
+        workers = cores if basic else 1
+    return Plan(cores, workers, n_jobs, local)
+
+
+def is_helper() -> bool:
+    """Whether this process is a worker another sweep process started."""
+    return HELPER_ENV in os.environ
+
+
+class Helpers:
+    """`count` more local workers: this command again, each with its own output folder
+    under the sweep's and a log file there. A context: on leaving it, a normal end
+    waits for them; an error or Ctrl-C stops them (SIGTERM ends a worker's trial as
+    interrupted: it is run again by a resume)."""
+
+    def __init__(self, count: int, sweep_dir: Path, overrides: list[str]):
+        self.count, self.sweep_dir, self.overrides = count, sweep_dir, overrides
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def __enter__(self):
+        script = Path(sys.argv[0]).resolve()
+        if self.count and not script.is_file():
+            log.warning("cannot start more workers: %s is not a script this process was "
+                        "started from; running the trials one at a time", sys.argv[0])
+            return self
+        for i in range(1, self.count + 1):
+            folder = self.sweep_dir / f"worker{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "worker.log"
+            with open(path, "w") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, str(script), *sys.argv[1:], *self.overrides,
+                     f"hydra.sweep.dir={folder}"],
+                    env={**os.environ, HELPER_ENV: str(i), "PYTHONUNBUFFERED": "1"},
+                    stdout=out, stderr=subprocess.STDOUT)
+            self.procs.append((proc, path))
+            log.info("worker %d started (pid %d), log %s", i, proc.pid, path)
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            for proc, _ in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+        for proc, path in self.procs:
+            try:
+                code = proc.wait(timeout=STOP_SECONDS if kind is not None else None)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0 and kind is None:
+                log.warning("worker pid %d ended with exit status %d: see %s", proc.pid,
+                            code, path)
+        return False
