@@ -84,13 +84,12 @@ def test_runs_share_the_machines_standardised_data_checked_once_per_process(
     monkeypatch.setattr(data, "_raw_cifar10", lambda *a: reads.append(1) or raw(*a))
     monkeypatch.setattr(datacache, "crc32", lambda *a: checks.append(1) or crc(*a))
     base = ("schedule.n_s=3", "tracking.log_model=false")
-    first = run_experiment(make_cfg(*base, "lam=0.1"))
+    run_experiment(make_cfg(*base, "lam=0.1"))
     assert len(reads) == 1, "the first run builds the shared cache from the batches"
     checked = len(checks)
-    second = run_experiment(make_cfg(*base, "lam=0.2"))
+    run_experiment(make_cfg(*base, "lam=0.2"))
     assert len(reads) == 1 and len(checks) == checked, \
         "a later run maps the cache this process already checked: no reading, no CRC"
-    assert first.final != second.final
     run_experiment(make_cfg(*base, "data.n_train=30"))  # other rows: another cache
     assert len(reads) == 2
 

@@ -710,8 +710,8 @@ def _trials(studies) -> dict:
 
 def test_trials_run_in_parallel_workers_with_the_planned_threads_and_the_same_results(
         tmp_path, tiny_cifar, empty_mlflow_db, start_worker):
-    # one sweep with the default plan (a worker per core: started by the sweep itself),
-    # one with a single worker, each in a folder of its own, same seed
+    # one sweep with two workers (the second started by the sweep itself), one with a
+    # single worker, each in a folder of its own, same seed
     searches = {}
     for name, workers in (("parallel", 2), ("serial", 1)):
         folder = tmp_path / name
@@ -729,6 +729,8 @@ def test_trials_run_in_parallel_workers_with_the_planned_threads_and_the_same_re
     studies = _studies(folder)
     helper_log = tmp_path / "parallel" / "worker1" / "worker.log"
     assert "worker 1 started" in log.read_text() and helper_log.exists()
+    assert "final: chose" in log.read_text() and "final: chose" not in \
+        helper_log.read_text(), "the worker that started the other one sums up"
     workers_seen = {t.user_attrs["worker"] for s in ("stage0", "stage1")
                     for t in _counted(studies[s])}
     assert len(workers_seen) == 2, "both workers ran trials"

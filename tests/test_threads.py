@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from hydra_plugins.mlplab_optuna_sweeper import _parallel
 from mlplab import threads
@@ -30,16 +30,29 @@ def test_update_steps_get_threads_by_their_work_evaluation_gets_all(sizes, cores
     assert phases.plan == {"update": update, "eval": cores}
 
 
-def test_phases_set_the_blas_limit_and_restore_the_one_they_found():
-    before = max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
-    phases = threads.Phases(1, threads.step_macs([3072, 50, 10], 100))
-    phases.start()
-    with phases.evaluate():
-        pass
-    phases.stop()
-    assert phases.used == {"update": 1, "eval": 1}
-    after = max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
-    assert after == before
+def _blas() -> int:
+    return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+
+def test_phases_switch_their_limits_and_restore_the_one_they_found_even_on_an_error():
+    two = min(2, threads.available_cores())  # OpenBLAS goes no higher than the cores
+    with threadpool_limits(1, user_api="blas"):  # as a user's OPENBLAS_NUM_THREADS=1
+        phases = threads.Phases(two, threads.step_macs([8, 4, 2], 10))  # tiny: 1 update
+        phases.start()
+        assert _blas() == 1
+        with pytest.raises(RuntimeError), phases.evaluate():
+            assert _blas() == two
+            raise RuntimeError("an evaluation fails")
+        assert _blas() == 1, "back to the update phase's limit"
+        phases.stop()
+        assert _blas() == 1, "the limit found at the start"
+    assert phases.used == {"update": 1, "eval": two}
+
+
+def test_a_runs_default_threads_stay_within_a_blas_limit_the_user_set():
+    with threadpool_limits(1, user_api="blas"):
+        assert threads.default_threads() == 1
+    assert threads.default_threads() == min(threads.available_cores(), _blas())
 
 
 def test_the_plan_on_an_8_core_machine_runs_8_trials_at_once_on_one_thread_each():
@@ -53,7 +66,22 @@ def test_the_plan_on_an_8_core_machine_runs_8_trials_at_once_on_one_thread_each(
 
 def test_a_users_worker_count_and_a_batch_launcher_are_honoured():
     assert _parallel.plan(8, 2, 1, _parallel.BASIC_LAUNCHER).threads(10) == 4
+    # the basic launcher runs a batch's jobs one after the other: n_jobs adds no trials
+    assert _parallel.plan(8, 2, 4, _parallel.BASIC_LAUNCHER).threads(10) == 4
     joblib = _parallel.plan(8, None, 4, JOBLIB)
     assert joblib.workers == 1 and joblib.threads(10) == 2  # 4 jobs share 8 cores
     slurm = _parallel.plan(8, None, 8, SLURM)
     assert slurm.workers == 1 and slurm.threads(10) is None  # each job's own machine
+
+
+def test_a_trial_gets_the_planned_threads_unless_its_config_sets_them():
+    plan = _parallel.plan(8, None, 1, _parallel.BASIC_LAUNCHER)
+    assert _parallel.thread_override(plan, 1, None) == ["train.threads=8"]
+    assert _parallel.thread_override(plan, 1, 3) == [], "the user's train.threads wins"
+    assert _parallel.thread_override(plan, 1, 0) == [], "an app without the key"
+    assert _parallel.thread_override(_parallel.plan(8, None, 8, SLURM), 1, None) == []
+
+
+def test_the_planned_threads_stay_within_a_blas_limit_the_user_set():
+    plan = _parallel.plan(8, None, 1, _parallel.BASIC_LAUNCHER, max_threads=1)
+    assert plan.workers == 8 and plan.threads(1) == 1

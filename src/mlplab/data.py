@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -46,6 +47,9 @@ STANDARDISED_DIR = "standardised"  # in root/<md5>/: the shared cache of standar
 # What _split_and_standardise computes; bump it when that changes: older caches are then stale.
 STANDARDISED_RECIPE = 1
 ARRAY_NAMES = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test", "mean", "std")
+
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -312,7 +316,8 @@ def load_dataset(name="cifar10", *, split="batch1", n_val=5000, val_fold=0, n_tr
     splits are kept under `root/<md5>/standardised/<options>/` and returned as
     read-only np.memmap arrays, so processes on one machine compute them once and
     share one copy in memory; the same values as without it, bit for bit. Every load
-    checks the files (sizes, CRC-32s); a damaged or stale cache is rebuilt, never used.
+    checks the files' sizes and shapes, each process their CRC-32s once; a damaged or
+    stale cache is rebuilt, never used.
     """
     check_options(name, split=split, n_val=n_val, val_fold=val_fold, n_train=n_train,
                   dtype=np.dtype(dtype).name)
@@ -368,8 +373,18 @@ def _shared_cifar10(url, md5, root, options: dict) -> dict[str, np.memmap]:
     # The batches are extracted first: a cache inside a half-extracted folder would be
     # deleted with it as debris.
     archive_dir = cifar10_dir(url, md5, root).parent
+
+    def build():
+        return _split_and_standardise(*_raw_cifar10(url, md5, root, options["split"]),
+                                      **options)
+
+    if options["split"] == "batch1":  # n_val and the fold change nothing there
+        options = {**options, "n_val": None, "val_fold": 0}
     meta = {"archive_md5": md5.lower(), "recipe": STANDARDISED_RECIPE, "options": options}
-    return datacache.load_or_build(
-        archive_dir / STANDARDISED_DIR / cache_key(**options), meta, ARRAY_NAMES,
-        lambda: _split_and_standardise(*_raw_cifar10(url, md5, root, options["split"]),
-                                       **options))
+    try:
+        return datacache.load_or_build(archive_dir / STANDARDISED_DIR / cache_key(**options),
+                                       meta, ARRAY_NAMES, build)
+    except OSError as err:  # a data root this user may read but not write
+        logger.warning("no shared data cache under %s (%s): standardising in memory",
+                       archive_dir, err)
+        return build()

@@ -32,7 +32,7 @@ READ_ONLY = 0o444  # nobody writes to pages that other processes map
 CRC_BLOCK = 1 << 24  # bytes per zlib.crc32 call: a memmap is read in 16 MiB views, not copied
 
 logger = logging.getLogger(__name__)
-# folder -> its files' (inode, mtime) when this process last checked every CRC: later
+# folder -> its files' stat (_stamp) when this process last checked every CRC: later
 # loads in the process (a sweep's next trial) redo the CRCs only if a file changed
 _checked: dict[Path, tuple] = {}
 
@@ -97,12 +97,13 @@ def open_checked(folder: Path, meta: dict, names: Sequence[str]) -> dict[str, np
 
 
 def _stamp(folder: Path, names: Sequence[str]) -> tuple | None:
-    """Inode and modification time of every file: any write or replacement shows."""
+    """Device, inode, size, and modification and change times of every file: a write
+    or a replacement shows (the change time even when a tool restores the mtime)."""
     try:
         infos = [(folder / f).stat() for f in (MANIFEST, *(f"{n}.npy" for n in names))]
     except FileNotFoundError:
         return None  # _open_array names the missing file
-    return tuple((i.st_ino, i.st_mtime_ns) for i in infos)
+    return tuple((i.st_dev, i.st_ino, i.st_size, i.st_mtime_ns, i.st_ctime_ns) for i in infos)
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -50,7 +50,9 @@ OVERRIDES_TAG = "hydra_overrides"
 # Params that say how a run was seeded, shown, tracked or where its files live, not
 # what was trained: runs differing only in these are repeats of one configuration.
 BOOKKEEPING = ("train.seed", "train.progress", "data.url", "data.root", "tracking.", "trial.",
-               "tags.", "gradcheck.")
+               "tags.", "gradcheck.",
+               # how a run measured and on how many cores, not what it trained
+               "train.threads", "threads.", "train.eval_train_rows")
 PUBLISHED_OVERRIDES = ("experiment",)  # with BOOKKEEPING: what a published run may override
 
 

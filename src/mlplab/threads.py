@@ -1,11 +1,13 @@
 """How many BLAS threads each phase of a training uses: a fixed rule, never a timing.
 
-A run is given `threads` (its share of the machine's cores). Evaluation products are
+A run is given `threads` (its share of the machine's cores; by default all of them,
+within a BLAS limit the user set, e.g. OPENBLAS_NUM_THREADS). Evaluation products are
 large (thousands of rows at once) and use all of them. An update step multiplies a
 batch of ~100 rows: a thread pays only for enough work, so the update phase gets one
 thread per MACS_PER_UPDATE_THREAD multiply-adds of a step, at most `threads`. Measured
-on a 2-core machine (docs/performance.md): the reports' 3072-50 nets (31M multiply-adds
-a step) gain 4-13% from a second thread, the toolbox net (840M) is bandwidth-bound.
+on a 2-core machine (bench/bench_threads.py, docs/performance.md), a second thread
+speeds up the update steps of the reports' 3072-50 nets (31M multiply-adds a step) by
+1-23% and of the toolbox net (947M) by 21%, and evaluation by 30-43%.
 
 The same config and seed on the same machine give the same thread counts, hence the
 same numbers: the thread count changes the last bits of some products (OpenBLAS
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from mlplab import checks
 
@@ -24,11 +27,39 @@ MACS_PER_UPDATE_THREAD = 15_000_000  # a step's multiply-adds that pay for one t
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a scheduler's share)."""
+    """The cores this process may use: its CPU affinity (a scheduler's share), at most
+    its cgroup's CPU quota (a container started with --cpus=N)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _cgroup_quota() or cores))
+
+
+def _cgroup_quota() -> int | None:
+    """cgroup v2's cpu.max as whole cores (rounded up); None: no quota, or no cgroup."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else -(-int(quota) // int(period))
+
+
+def blas_limit() -> int | None:
+    """The BLAS thread limit in force (e.g. the user's OPENBLAS_NUM_THREADS); None
+    when NumPy's BLAS reports none."""
+    import numpy  # noqa: F401  (loads the BLAS whose limit is read)
+    from threadpoolctl import threadpool_info
+
+    return max((lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas"), default=None)
+
+
+def default_threads() -> int:
+    """A run's threads when its config gives none: every core it may use, within a
+    BLAS limit the user set."""
+    cores = available_cores()
+    return min(cores, blas_limit() or cores)
 
 
 def step_macs(sizes: Sequence[int], batch_size: int) -> int:

@@ -109,11 +109,17 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=8)
+def _client(uri: str):
+    """One MlflowClient per store and process: a sweep's next trial reuses it (making
+    one costs ~50 ms)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
 def open_experiment(uri: str, name: str):
     """(MlflowClient, experiment id), creating the store and the experiment if needed:
-    under the store's lock, so processes started together never race to create them.
-    Once per process: a sweep's next trial reuses the client (making one costs ~50 ms)."""
-    from mlflow import MlflowClient
+    under the store's lock, so processes started together never race to create them."""
 
     def get_or_create():  # a worker on another machine may create it meanwhile
         exp = client.get_experiment_by_name(name)
@@ -125,7 +131,7 @@ def open_experiment(uri: str, name: str):
 
     try:
         with store_lock(uri):
-            client = MlflowClient(uri)
+            client = _client(uri)
             exp = with_retries(get_or_create)  # the first call opens (and creates) the store
             exp_id = exp.experiment_id
             if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab

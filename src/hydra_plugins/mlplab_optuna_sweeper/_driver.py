@@ -38,6 +38,7 @@ are not compared (paths differ between machines): keep them as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -205,9 +206,15 @@ class Sweep:
         self.maximize = settings.direction == "maximize"
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
-        self.plan = _parallel.plan(threads.available_cores(), settings.workers,
-                                   settings.n_jobs, config.hydra.launcher._target_)
         self.helper = _parallel.is_helper()  # started by another worker of this sweep
+        self.plan = _parallel.plan(threads.available_cores(), settings.workers,
+                                   settings.n_jobs, config.hydra.launcher._target_,
+                                   threads.blas_limit())
+        if self.plan.workers > 1 and not self.helper and _parallel.command() is None:
+            log.warning("hydra.sweeper.workers=%d: this process was not started as the "
+                        "app's command (a test, a notebook), so it cannot start more "
+                        "workers; running the trials one at a time", self.plan.workers)
+            self.plan = dataclasses.replace(self.plan, workers=1)
         # Hydra's basic launcher composes each job in this process; others in theirs
         self.composes_here = config.hydra.launcher._target_ == _parallel.BASIC_LAUNCHER
         self.started = datetime.now()  # Optuna's trial times are local, naive
@@ -225,8 +232,8 @@ class Sweep:
         storage_url = self._storage_url()
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
         # the other workers start first: their start-up (imports, MLflow) overlaps this
-        # one's; a bad setting found below stops them with it
-        with self._helpers(storage_url, name):
+        # one's; a bad setting found below, Ctrl-C or SIGTERM stops them with it
+        with terminate_as_interrupt(), self._helpers(storage_url, name):
             self._check_config(stages, params, fixed)
             storage = _studies.open_storage(storage_url)
             sweep_study, created = _studies.open_study(storage, name, s.direction)
@@ -254,7 +261,8 @@ class Sweep:
         s = self.s
         self.uri = tracking.resolve_uri(self.config.tracking.uri)
         parent = ParentRun(self.uri, self.config.tracking.experiment)
-        parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url))
+        parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url),
+                      mark_running=not self.helper)
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
                  _studies.describe_storage(storage_url), self.worker, parent.run_id,
                  mask_password(self.uri))
@@ -583,10 +591,9 @@ class Sweep:
         report_to = [] if ctx.storage is None else [
             f"trial.storage={Transformer.str(_studies.describe_storage(ctx.storage))}",
             f"trial.study={Transformer.str(ctx.study_name)}", f"trial.number={trial.number}"]
-        trial_threads = self.plan.threads(stage.n_trials)
-        threads_ = [] if trial_threads is None or OmegaConf.select(
-            self.config, "train.threads", default=0) is not None else \
-            [f"train.threads={trial_threads}"]  # only where the app has the key, unset
+        # only where the app has the key (a foreign app's default 0: left alone)
+        threads_ = _parallel.thread_override(self.plan, stage.n_trials, OmegaConf.select(
+            self.config, "train.threads", default=0))
         return [*threads_, *ctx.fixed, *stage.overrides,
                 *(p.override(trial.params[p.name]) for p in space),
                 # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)

@@ -130,9 +130,11 @@ class ParentRun:
         self.client, self.experiment_id = tracking.open_experiment(uri, experiment)
         self.run_id: str | None = None
 
-    def attach(self, sweep_study, created: bool, study_name: str, storage: str) -> str:
+    def attach(self, sweep_study, created: bool, study_name: str, storage: str,
+               mark_running: bool = True) -> str:
         """The sweep's parent run: made by the worker that created the study, found
-        by the others (and by re-runs) through the study's user attribute."""
+        by the others (and by re-runs) through the study's user attribute. A worker
+        another one started leaves its status to that one (`mark_running=False`)."""
         run_id = sweep_study.user_attrs.get(PARENT_ATTR)
         deadline = time.monotonic() + (0 if created else PARENT_WAIT_SECONDS)
         while run_id is None and time.monotonic() < deadline:
@@ -150,7 +152,8 @@ class ParentRun:
             run_id = run.info.run_id
             sweep_study.set_user_attr(PARENT_ATTR, run_id)
         self.run_id = run_id
-        self.set_status("RUNNING")
+        if mark_running:
+            self.set_status("RUNNING")
         return run_id
 
     def _exists(self, run_id: str) -> bool:

@@ -60,9 +60,10 @@ class MlplabOptunaSweeperConf:
     # 1 with a launcher that runs batches itself. BLAS threads per trial: the cores
     # shared among the trials that run at once (train.threads, if given, wins)
     workers: int | None = None
-    # null: in memory (no resume; with a pruner, a journal file in the sweep's folder,
-    # which the jobs report to); sqlite:///optuna.db, postgresql://...: a database;
-    # journal:PATH: Optuna's journal file (safe for several local workers)
+    # null: in memory (no resume; with a pruner or several workers, a journal file in
+    # the sweep's folder, which the jobs and workers share); sqlite:///optuna.db,
+    # postgresql://...: a database; journal:PATH: Optuna's journal file (safe for
+    # several local workers)
     storage: str | None = None
     study_name: str | None = None  # null: a new name each run (no resume)
     # the search space, Hydra's sweep syntax: lam: tag(log, interval(1e-5, 1e-1))

@@ -118,7 +118,7 @@ def prepare(cfg: DictConfig):
         optimizer=experiment.build_optimizer(cfg),
         augment=experiment.build_augment(cfg, ds.image_shape),
         label_smoothing=cfg.train.label_smoothing, eval_train_rows=cfg.train.eval_train_rows,
-        threads=cfg.train.threads or threads.available_cores(), progress=cfg.train.progress)
+        threads=cfg.train.threads or threads.default_threads(), progress=cfg.train.progress)
     return ds, net, experiment.describe(net, schedule), train
 
 
