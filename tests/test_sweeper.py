@@ -375,13 +375,15 @@ def test_without_a_storage_a_pruning_sweep_keeps_its_study_in_its_own_folder(
     assert all(len(t.intermediate_values) > 1 for t in stage.trials), "each reported its curve"
 
 
-def test_a_bad_pruner_setting_is_refused_before_anything_is_recorded(
+def test_a_bad_pruner_or_sampler_setting_is_refused_before_anything_is_recorded(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
     for bad, message in [("hydra.sweeper.pruner=halving", "hydra.sweeper.pruner='halving': "
                           "allowed ['none', 'median', 'successive_halving', 'hyperband']"),
                          ("hydra.sweeper.pruner=hyperband "
                           "hydra.sweeper.pruning.reduction_factor=1",
                           "hydra.sweeper.pruning.reduction_factor=1: allowed an int >= 2"),
+                         ("hydra.sweeper.sampler={_target_:optuna.samplers.TPESampler,"
+                          "multivariat:true}", "hydra.sweeper.sampler.multivariat: "),
                          ("hydra.sweeper.final.choose_in=stage1",
                           "hydra.sweeper.final.choose_in='stage1': allowed ['final', "
                           "'last_stage']")]:
@@ -700,6 +702,37 @@ def test_two_workers_choosing_in_the_last_stage_agree_on_one_winner_and_retrain_
     assert len(workers_seen) == 2, "both workers ran trials"
     _, parent, _ = _parent_and_children(tracking_uri)
     assert parent.data.tags["best.lam"] == str(winner)
+
+
+def test_a_warm_start_runs_the_given_points_first_and_not_again_on_resume(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.final=null",
+                           "hydra.sweeper.stages=[{n_trials: 3}]",
+                           "hydra.sweeper.warm_start=[{lam: 0.004}, {lam: 0.0003}]")
+    _sweep(monkeypatch, tmp_path, overrides)
+    stage0 = _studies(tmp_path)["stage0"]
+    assert [t.params["lam"] for t in stage0.trials[:2]] == [0.004, 0.0003]
+    assert len(_counted(stage0)) == 3, "the given points count towards the budget"
+
+    overrides[overrides.index("hydra.sweeper.stages=[{n_trials: 3}]")] = \
+        "hydra.sweeper.stages=[{n_trials: 4}]"  # a resume that grows the stage
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="resumed")
+    stage0 = _studies(tmp_path)["stage0"]
+    lams = [t.params["lam"] for t in stage0.trials]
+    assert len(_counted(stage0)) == 4 and lams.count(0.004) == lams.count(0.0003) == 1
+
+
+@pytest.mark.parametrize("points, message", [
+    ("[{lam: 5.0}]", "hydra.sweeper.warm_start[0].lam=5.0: allowed a number in log["),
+    ("[{lr: 0.1}]", "hydra.sweeper.warm_start[0]={'lr': 0.1}: give a value for each"),
+])
+def test_a_warm_start_point_outside_the_search_stops_it_before_anything_is_recorded(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys, points, message):
+    with pytest.raises(SystemExit) as exit_:
+        _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
+                                                 f"hydra.sweeper.warm_start={points}"))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert _no_runs(tracking_uri)
 
 
 def _trials(studies) -> dict:

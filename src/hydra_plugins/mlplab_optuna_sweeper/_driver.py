@@ -57,7 +57,7 @@ from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
 
-from . import _parallel, _pruning, _space, _studies
+from . import _parallel, _pruning, _samplers, _space, _studies
 from ._records import (
     CHOOSE,
     FINAL,
@@ -146,7 +146,7 @@ def check(s: DictConfig) -> None:
         require(s.final.seeds >= 1, f"final.seeds={s.final.seeds}: must be >= 1")
         require(s.final.choose_in in CHOOSE_IN,
                 f"final.choose_in={s.final.choose_in!r}: allowed {list(CHOOSE_IN)}")
-    _studies.make_sampler(s.sampler, 0)  # unknown names and missing packages fail now
+    _samplers.make(_samplers.spec(s.sampler), 0)  # bad names, arguments, packages: now
     _pruning.describe(s.pruner, s.pruning)
 
 
@@ -160,6 +160,8 @@ def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> 
     return {"direction": s.direction, "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
             "pruner": _pruning.describe(s.pruner, s.pruning),
+            "warm_start": _space.warm_points(params, OmegaConf.to_container(s.warm_start),
+                                             "warm_start"),
             "stages": [{"stage": st.label, "n_trials": st.n_trials,
                         "overrides": st.overrides} for st in stages]}
 
@@ -194,6 +196,7 @@ class StageRun:
     heartbeat: Heartbeat
     storage: str | None  # where the jobs report to (None: they don't; no pruner)
     study_name: str
+    created: bool = False  # this worker made the stage's study (and so enqueues in it)
     said_waiting: bool = False
 
 
@@ -204,6 +207,7 @@ class Sweep:
         self.s, self.config, self.launcher = settings, config, launcher
         self.compose = compose
         self.maximize = settings.direction == "maximize"
+        self.sampler = _samplers.spec(settings.sampler)
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
         self.helper = _parallel.is_helper()  # started by another worker of this sweep
@@ -229,6 +233,15 @@ class Sweep:
             raise ConfigError("nothing to search: give hydra.sweeper.params or a sweep "
                               "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
         stages = plan(s)
+        self.warm = _space.warm_points(params, OmegaConf.to_container(s.warm_start),
+                                      "hydra.sweeper.warm_start")
+        if len(self.warm) > stages[0].n_trials:
+            raise ConfigError(f"hydra.sweeper.warm_start: {len(self.warm)} points for stage 0's "
+                              f"{stages[0].n_trials} trials; allowed at most that many",
+                              key="hydra.sweeper.warm_start")
+        # each sampled stage's start-up, refused before anything runs if it is the stage
+        self.startups = {st.label: _samplers.startup(self.sampler, st.n_trials, st.label)
+                         for st in stages if not st.retrains}
         storage_url = self._storage_url()
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
         # the other workers start first: their start-up (imports, MLflow) overlaps this
@@ -267,7 +280,8 @@ class Sweep:
                  _studies.describe_storage(storage_url), self.worker, parent.run_id,
                  mask_password(self.uri))
         parent.log_params({
-            "direction": s.direction, "sampler": s.sampler, "seed": s.seed,
+            "direction": s.direction, "sampler": _samplers.describe(self.sampler),
+            "seed": s.seed,
             "n_jobs": s.n_jobs, "workers": self.plan.workers, "cores": self.plan.cores,
             "top_k": s.top_k, "margin": s.margin,
             "pruner": " ".join(f"{k}={v}" for k, v in self.pruner.items()),
@@ -340,7 +354,8 @@ class Sweep:
         if stored is None:  # a new study (or one from before settings were stored)
             sweep_study.set_user_attr(SETTINGS, wanted)
             return
-        stored = {"pruner": {"name": "none"}, **stored}  # from before pruning existed
+        # from before pruning, warm starts existed
+        stored = {"pruner": {"name": "none"}, "warm_start": [], **stored}
         diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items()
                  if k != "stages" and stored.get(k) != v]
         # the final step may start or stop comparing in the last stage's setting: its
@@ -382,9 +397,14 @@ class Sweep:
                     heartbeat) -> StageRun:
         s = self.s
         study_name = f"{name}.{stage.study_suffix}"
-        study, _ = _studies.open_study(storage, study_name, s.direction)
-        study.sampler = _studies.make_sampler(s.sampler, None) if s.seed is None else \
-            _studies.SeededPerTrial(s.sampler, lambda n: self._seed(stage, n))
+        study, created = _studies.open_study(storage, study_name, s.direction)
+        n_startup = None if stage.retrains else self.startups[stage.label]
+
+        def make(seed):
+            return _samplers.make(self.sampler, seed, n_startup)
+
+        study.sampler = make(None) if s.seed is None else \
+            _studies.SeededPerTrial(make, lambda n: self._seed(stage, n))
         prunes = not stage.retrains and self.pruner["name"] != "none"
         if prunes:  # for the jobs' pruner; Hyperband's brackets also steer the sampler
             study.set_user_attr(_pruning.PRUNER_ATTR, self.pruner)
@@ -392,7 +412,7 @@ class Sweep:
         ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_ended(
             stage.label, [t.number for t in trials], "FAILED", failure=WORKER_LOST))
         return StageRun(stage, study, ledger, fixed, parent, heartbeat,
-                        storage_url if prunes else None, study_name)
+                        storage_url if prunes else None, study_name, created)
 
     def _check_space(self, ctx: StageRun, spans: dict) -> None:
         """Record the stage's space and overrides, or check a resumed stage's: the same
@@ -422,6 +442,12 @@ class Sweep:
                                   for k, v in spans.items()}})
         log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
                  ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
+        if not records and ctx.created:  # once, by the worker that made the study
+            for point in self.warm:
+                ctx.study.enqueue_trial(point, skip_if_exists=True)
+            if self.warm:
+                log.info("stage %s: starts from %d given point(s) (warm_start)",
+                         stage.label, len(self.warm))
 
         def within_budget(asked):
             allowed = {t.number for t in ctx.ledger.counted()[:stage.n_trials]}

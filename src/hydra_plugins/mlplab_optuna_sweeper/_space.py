@@ -130,6 +130,34 @@ def sample(params: Iterable[Param], seed: int = 0) -> dict:
     return study.ask({p.name: p.distribution for p in params}).params
 
 
+def warm_points(params: Sequence[Param], points: Sequence[dict], key: str) -> list[dict]:
+    """Points given to start a search from, as trial params (a choice as the space
+    stores it); ConfigError naming `key[i].<param>` for one that is not in the space."""
+    out = []
+    names = [p.name for p in params]
+    for i, given in enumerate(points):
+        given = dict(given)
+        if sorted(given) != sorted(names):
+            raise ConfigError(f"{key}[{i}]={given}: give a value for each searched key, "
+                              f"{names}, and no other", key=f"{key}[{i}]")
+        point = {}
+        for p in params:
+            v, d = given[p.name], p.distribution
+            if isinstance(d, CategoricalDistribution):
+                v = Transformer.encode(v)
+                ok, allowed = v in d.choices, f"one of {list(p.choice_texts.values())}"
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and d.low <= v <= d.high
+                allowed = f"a number in {describe(p)}"
+            if not ok:
+                raise ConfigError(f"{key}[{i}].{p.name}={given[p.name]!r}: allowed {allowed}",
+                                  key=f"{key}[{i}].{p.name}")
+            point[p.name] = v
+        out.append(point)
+    return out
+
+
 def pinned(params: Iterable[Param], values: dict) -> list[Param]:
     """The same parameters, each reduced to one value (the final retrain's)."""
     out = []

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "journal:"
 SQLITE_TIMEOUT_SECONDS = 60  # how long SQLite waits for another worker's write lock
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler",
-            "gp": "GPSampler", "cmaes": "CmaEsSampler"}
 FAILURE, HEARTBEAT, WORKER = "failure", "heartbeat", "worker"
 DROPPED = "dropped"  # why a FAIL trial does not count (interrupted, over the budget, ...)
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -84,12 +82,6 @@ def describe_storage(url: str | None) -> str:
     return mask_password(url)
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    if name not in SAMPLERS:
-        raise ConfigError(f"hydra.sweeper.sampler={name!r}: allowed {sorted(SAMPLERS)}")
-    return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
-
-
 def trial_seed(seed: int, stage: int, number: int) -> int:
     """A sampler seed per (sweep seed, stage, trial number): a re-run or a second
     worker doesn't replay the first one's draws, and one worker is reproducible."""
@@ -97,19 +89,20 @@ def trial_seed(seed: int, stage: int, number: int) -> int:
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):
-    """The sampler `name`, made afresh for each trial with the seed `seed_of(number)`.
+    """The sampler `make(seed)` gives, made afresh for each trial with the seed
+    `seed_of(number)`.
 
     The number is the one the storage gave the trial, read in `before_trial`, which
     Optuna calls when the trial is created and before anything is sampled for it:
     two workers asking at once get different numbers, hence different draws (a
     number counted before `ask` can be taken by the other worker meanwhile)."""
 
-    def __init__(self, name: str, seed_of):
-        self.name, self.seed_of = name, seed_of
-        self.sampler = make_sampler(name, None)
+    def __init__(self, make, seed_of):
+        self.make, self.seed_of = make, seed_of
+        self.sampler = make(None)
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
-        self.sampler = make_sampler(self.name, self.seed_of(trial.number))
+        self.sampler = self.make(self.seed_of(trial.number))
         self.sampler.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):

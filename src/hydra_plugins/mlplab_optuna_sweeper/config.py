@@ -50,8 +50,12 @@ class PruningConf:
 @dataclass
 class MlplabOptunaSweeperConf:
     _target_: str = "hydra_plugins.mlplab_optuna_sweeper.sweeper.MlplabOptunaSweeper"
+    _recursive_: bool = False  # the sampler's _target_ is built per trial, with its seed
     direction: str = "maximize"  # maximize | minimize the task's return value
-    sampler: str = "tpe"  # tpe | random | qmc | gp | cmaes (optuna.samplers)
+    # tpe | random | qmc | gp | cmaes (optuna.samplers), or _target_ and the sampler's
+    # arguments: {_target_: optuna.samplers.TPESampler, n_startup_trials: 4}; the seed is
+    # hydra.sweeper.seed's. A stage too short for the start-up: a third of its trials
+    sampler: Any = "tpe"
     seed: int | None = None  # sampler seed; null: a fresh one each run
     n_trials: int = 20  # trials of a one-stage search, or of stages that don't say
     n_jobs: int = 1  # trials per launcher batch (run in parallel by e.g. joblib)
@@ -69,6 +73,9 @@ class MlplabOptunaSweeperConf:
     # the search space, Hydra's sweep syntax: lam: tag(log, interval(1e-5, 1e-1))
     params: dict[str, Any] = field(default_factory=dict)
     stages: list[StageConf] = field(default_factory=list)  # []: one stage of n_trials
+    # points stage 0 runs first (its budget counts them), e.g. [{lam: 0.004}]: a value
+    # per searched key; once per study, so a resume does not run them again
+    warm_start: list[Any] = field(default_factory=list)
     top_k: int = 3  # the next stage searches the log range spanned by the best top_k
     margin: float = 0.0  # ... widened by this many decades on each side
     final: FinalConf | None = None  # retrain the best trial(s) with these overrides

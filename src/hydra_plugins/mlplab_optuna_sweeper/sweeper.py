@@ -21,6 +21,7 @@ class MlplabOptunaSweeper(Sweeper):
 
     def __init__(self, **settings: Any) -> None:
         settings.pop("_target_", None)
+        settings.pop("_recursive_", None)
         self.settings = OmegaConf.create(settings)  # keys as in config.MlplabOptunaSweeperConf
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
