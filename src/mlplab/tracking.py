@@ -117,9 +117,12 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
+@functools.lru_cache(maxsize=8)
 def open_experiment(uri: str, name: str):
     """(MlflowClient, experiment id), creating the store and the experiment if needed:
-    under the store's lock, so processes started together never race to create them."""
+    under the store's lock, so processes started together never race to create them.
+    Once per process (a sweep's trials would wait on the lock and the lookup, ~0.1 s
+    each); `run` looks again if the store or the experiment was replaced since."""
 
     def get_or_create():  # a worker on another machine may create it meanwhile
         exp = client.get_experiment_by_name(name)
@@ -320,9 +323,18 @@ def run(*, uri: str, experiment: str, run_name: str | None = None,
 
     mlflow.set_tracking_uri(uri)
     tags = source_tags() | {k: str(v) for k, v in (tags or {}).items() if v is not None}
-    try:
-        active = with_retries(lambda: mlflow.start_run(
+
+    def start():
+        return with_retries(lambda: mlflow.start_run(
             experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
+
+    try:
+        try:
+            active = start()
+        except Exception:  # the store or the experiment may be new since: look again
+            open_experiment.cache_clear()
+            client, exp_id = open_experiment(uri, experiment)
+            active = start()
     except Exception as err:
         raise TrackingError(f"cannot start a run in {mask_password(uri)}: "
                             f"{mask_password(str(err).splitlines()[0])}") from err
