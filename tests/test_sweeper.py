@@ -657,7 +657,9 @@ def test_a_trial_is_seeded_by_the_number_it_got_so_workers_asking_at_once_differ
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
         tmp_path, tiny_cifar, tracking_uri, start_worker, storage):
-    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=60",
+    # trials of a few seconds: a worker starting seconds after the other (a loaded
+    # machine) still finds work, now that workers look again every 0.5 s
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=300",
                            "hydra.sweeper.stages=[{n_trials: 3}, {n_trials: 2}]",
                            storage=storage)
     workers = [start_worker(overrides, f"worker{i}") for i in range(2)]
@@ -751,7 +753,7 @@ def test_trials_run_in_parallel_workers_with_the_planned_threads_and_the_same_re
         folder.mkdir()
         shutil.copy(empty_mlflow_db, folder / "mlflow.db")
         uri = f"sqlite:///{folder / 'mlflow.db'}"
-        overrides = [*_overrides(folder, tiny_cifar, uri, "schedule.n_s=60",
+        overrides = [*_overrides(folder, tiny_cifar, uri, "schedule.n_s=300",
                                  "hydra.sweeper.stages=[{n_trials: 4}, {n_trials: 3}]"),
                      f"hydra.sweeper.workers={workers}"]
         proc, log = start_worker(overrides, name)

@@ -31,6 +31,7 @@ def test_update_steps_get_threads_by_their_work_evaluation_gets_all(sizes, cores
 
 
 def _blas() -> int:
+    """The BLAS limit as threadpoolctl reads it, independently of mlplab.threads."""
     return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
 
 

@@ -94,8 +94,7 @@ class Phases:
     def _set(self, phase: str):
         limiter = self.controller.limit(limits=self.plan[phase], user_api="blas")
         if phase not in self.used:
-            blas = self.controller.select(user_api="blas").info()
-            self.used[phase] = max((lib["num_threads"] for lib in blas), default=0)
+            self.used[phase] = blas_limit()
         return limiter
 
     def start(self) -> None:
@@ -119,7 +118,7 @@ class Phases:
 class Unchanged:
     """Phases that leave BLAS's thread limit as it is (a run given no threads)."""
 
-    used: dict[str, int] = {}
+    used: dict[str, int | None] = {}
 
     def start(self) -> None:
         pass

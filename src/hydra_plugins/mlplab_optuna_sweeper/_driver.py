@@ -155,13 +155,13 @@ def names_searched(err: Exception, params: list[Param]) -> bool:
     return getattr(err, "key", None) in {p.name for p in params}
 
 
-def search_settings(s: DictConfig, params: list[Param], stages: list[Stage]) -> dict:
+def search_settings(s: DictConfig, params: list[Param], stages: list[Stage],
+                    warm: list[dict]) -> dict:
     """What a resumed study must share with the run that started it (JSON for Optuna)."""
     return {"direction": s.direction, "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
             "pruner": _pruning.describe(s.pruner, s.pruning),
-            "warm_start": _space.warm_points(params, OmegaConf.to_container(s.warm_start),
-                                             "warm_start"),
+            "warm_start": warm,
             "stages": [{"stage": st.label, "n_trials": st.n_trials,
                         "overrides": st.overrides} for st in stages]}
 
@@ -251,7 +251,7 @@ class Sweep:
             storage = _studies.open_storage(storage_url)
             sweep_study, created = _studies.open_study(storage, name, s.direction)
             self._check_resume(sweep_study, storage, name,
-                               search_settings(s, params, stages))
+                               search_settings(s, params, stages, self.warm))
             return self._run(stages, params, fixed, storage, storage_url, name,
                              sweep_study, created)
 
