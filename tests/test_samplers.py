@@ -45,13 +45,13 @@ def test_a_stage_too_short_for_the_samplers_start_up_gets_a_third_of_its_trials(
     tpe = _samplers.spec("tpe")  # Optuna's default start-up: 10 trials
     with caplog.at_level(logging.INFO):
         assert _samplers.startup(tpe, 10, "0") == 3
-    assert "stage 0: 10 trials" in caplog.text and "start-up is 3" in caplog.text
+    assert "stage 0 has n_trials=10" in caplog.text and "start-up is 3" in caplog.text
     assert _samplers.startup(tpe, 30, "0") == 10  # long enough: Optuna's own
     assert _samplers.startup(_samplers.spec("random"), 5, "0") is None  # no model
 
 
 def test_a_start_up_the_user_set_that_covers_the_stage_is_refused():
-    with pytest.raises(ConfigError, match="stage 1 has n_trials=8, so all of its trials"):
+    with pytest.raises(ConfigError, match="stage 1 has n_trials=8, so all of them would be"):
         _samplers.startup({"_target_": TPE, "n_startup_trials": 8}, 8, "1")
     assert _samplers.startup({"_target_": TPE, "n_startup_trials": 2}, 8, "1") == 2
 
@@ -71,3 +71,53 @@ def test_the_model_takes_over_after_the_start_up_and_draws_reproduce_from_the_se
     assert tpe[:2] == random[:2], "the start-up draws at random, from the same seed"
     assert tpe[2:] != random[2:], "then the model draws"
     assert _draws(_samplers.spec("tpe"), 2) == tpe
+
+
+# --- Hyperband's brackets and the start-up --------------------------------------------
+
+def test_under_hyperband_the_start_up_fits_the_smallest_bracket_a_sampler_sees():
+    from hydra_plugins.mlplab_optuna_sweeper import _pruning
+
+    settings = {"name": "hyperband", "min_resource": 450, "max_resource": 2700,
+                "reduction_factor": 3}
+    assert _pruning.bracket_share(settings) == 2 / 5  # Optuna's budgets 3 and 2
+    # a 10-trial stage: about 4 trials in the smaller bracket, so TPE's start-up of 5
+    # would cover it; 3 leaves the model one
+    tpe = _samplers.spec({"_target_": TPE, "n_startup_trials": 5})
+    with pytest.raises(ConfigError, match="about 4 in Hyperband's smallest bracket"):
+        _samplers.startup(tpe, 10, "0", 2 / 5)
+    assert _samplers.startup({**tpe, "n_startup_trials": 3}, 10, "0", 2 / 5) == 3
+    assert _pruning.bracket_share({"name": "median"}) == 1.0
+
+
+# --- several objectives: the front and the rule that picks from it --------------------
+
+def _done(number, *values):
+    trial = optuna.trial.create_trial(
+        params={"x": float(number)},
+        distributions={"x": optuna.distributions.FloatDistribution(0, 99)},
+        values=list(values))
+    trial.number = number
+    return trial
+
+
+def test_the_pareto_front_keeps_the_trials_no_other_beats_in_every_objective():
+    from hydra_plugins.mlplab_optuna_sweeper._records import pareto_front
+
+    trials = [_done(0, 0.50, 100), _done(1, 0.55, 400), _done(2, 0.45, 300),
+              _done(3, 0.54, 200), _done(4, 0.55, 500)]
+    # maximise accuracy, minimise size: 2 is beaten by 0 (and 3); 4 by 1
+    front = pareto_front(trials, ["maximize", "minimize"])
+    assert [t.number for t in front] == [1, 3, 0], "best first objective first"
+
+
+def test_the_final_rule_takes_the_best_second_objective_within_the_tolerance_of_the_first():
+    from hydra_plugins.mlplab_optuna_sweeper._records import front_pick, pareto_front
+
+    directions = ["maximize", "minimize"]
+    front = pareto_front([_done(0, 0.50, 100), _done(1, 0.55, 400), _done(3, 0.54, 200)],
+                         directions)
+    assert front_pick(front, directions, 0.0).number == 1  # the most accurate
+    assert front_pick(front, directions, 0.01).number == 3  # smaller, 0.01 below
+    assert front_pick(front, directions, 0.1).number == 0  # the smallest of them all
+    assert front_pick([], directions, 0.0) is None

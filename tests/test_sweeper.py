@@ -15,6 +15,7 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -106,19 +107,27 @@ def test_the_shipped_search_composes_the_reports_protocol():
     assert (s.pruning.n_startup_trials, s.pruning.n_warmup_steps) == (3, 540)
 
 
-def test_the_shipped_toolbox_search_screens_best_mlp_with_hyperband_and_retrains_it_fully():
+def test_the_shipped_toolbox_search_screens_best_mlp_with_tpe_and_hyperband_from_the_recipe():
     import mlplab.commands.train  # noqa: F401  (registers the schema)
+    from hydra_plugins.mlplab_optuna_sweeper import _pruning, _samplers
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+search=best_mlp"], return_hydra_config=True)
+        recipe = compose("config", overrides=["experiment=best_mlp"])
     assert (cfg.model.layers, cfg.bn, cfg.augment.name) == ([1024, 1024], True,
                                                             "flip_translate")
     assert cfg.schedule.epochs == 6 and cfg.train.evals_per_cycle == 1  # a short screen
     s = cfg.hydra.sweeper
-    assert set(s.params) >= {"schedule.eta", "lam", "model.dropout", "model.layers"}
-    assert s.params["model.layers"].startswith("choice(")
+    assert set(s.params) >= {"schedule.eta", "lam", "train.label_smoothing",
+                             "augment.max_shift"}
     assert s.pruner == "hyperband" and s.pruning.max_resource == 6 * 450
-    assert "schedule.epochs=35" in s.final.overrides  # best_mlp's full schedule
+    assert "schedule.epochs=50" in s.final.overrides  # retrained longer than the recipe
+    # the first trial is the hand-made recipe, and TPE leaves its start-up in every
+    # Hyperband bracket
+    assert s.warm_start[0] == {k: OmegaConf.select(recipe, k) for k in s.params}
+    sampler = _samplers.spec(s.sampler)
+    share = _pruning.bracket_share(_pruning.describe(s.pruner, s.pruning))
+    assert _samplers.startup(sampler, s.n_trials, "0", share) < s.n_trials * share - 3
 
 
 # --- sweeps on tiny data --------------------------------------------------------------
@@ -730,9 +739,14 @@ def test_a_warm_start_runs_the_given_points_first_and_not_again_on_resume(
 ])
 def test_a_warm_start_point_outside_the_search_stops_it_before_anything_is_recorded(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys, points, message):
+    _refused(monkeypatch, tmp_path, capsys, tracking_uri, message, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, f"hydra.sweeper.warm_start={points}"))
+
+
+def _refused(monkeypatch, tmp_path, capsys, tracking_uri, message, overrides):
+    """The sweep exits 2 with `message` before anything is recorded."""
     with pytest.raises(SystemExit) as exit_:
-        _sweep(monkeypatch, tmp_path, _overrides(tmp_path, tiny_cifar, tracking_uri,
-                                                 f"hydra.sweeper.warm_start={points}"))
+        _sweep(monkeypatch, tmp_path, overrides)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert _no_runs(tracking_uri)
 
@@ -821,3 +835,115 @@ def test_the_submitit_launcher_runs_each_trial_in_a_process_of_its_own(
     _, _, children = _parent_and_children(tracking_uri)
     assert sorted((r.data.tags["trial"], r.info.status) for r in children) == \
         [("0", "FINISHED"), ("1", "FINISHED")]
+
+
+# --- what a search learned: carried forward, warm starts from a study ----------------
+
+def test_a_later_stage_that_trains_alike_learns_from_the_earlier_trials_without_counting_them(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.final=null",
+                           "hydra.sweeper.sampler={_target_: optuna.samplers.TPESampler, "
+                           "n_startup_trials: 2}",
+                           "hydra.sweeper.stages=[{n_trials: 4}, {n_trials: 3}, "
+                           "{n_trials: 3, overrides: ['schedule.cycles=3']}]")
+    _sweep(monkeypatch, tmp_path, overrides)
+    studies = _studies(tmp_path)
+    stage1 = studies["stage1"].trials
+    carried = [t for t in stage1 if "carried_from" in t.user_attrs]
+    span = studies["stage1"].user_attrs["space"]["lam"]
+    # stage 0's complete trials inside stage 1's narrowed span: its top 3 at least
+    assert len(carried) >= 3 and all(t.state == TrialState.COMPLETE for t in carried)
+    assert {t.params["lam"] for t in carried} <= {t.params["lam"] for t in
+                                                  studies["stage0"].trials}, span
+    assert len(_counted(studies["stage1"])) - len(carried) == 3, "not counted in the budget"
+    # stage 2 trains 3 cycles, not 2: its objective differs, nothing is carried
+    assert not any("carried_from" in t.user_attrs for t in studies["stage2"].trials)
+    _, _, children = _parent_and_children(tracking_uri)
+    assert len(children) == 4 + 3 + 3, "carried trials are not run again"
+
+
+def test_a_random_search_carries_nothing_forward_the_reports_protocol_is_kept(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    _sweep(monkeypatch, tmp_path, _overrides(
+        tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.final=null",
+        "hydra.sweeper.stages=[{n_trials: 3}, {n_trials: 2}]"))  # lambda_c2f: random
+    assert not any("carried_from" in t.user_attrs for t in _studies(tmp_path)["stage1"].trials)
+
+
+def test_a_warm_start_from_another_study_runs_its_best_trials_first(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys):
+    first = _overrides(tmp_path, tiny_cifar, tracking_uri, "hydra.sweeper.final=null",
+                       "hydra.sweeper.stages=[{n_trials: 4}]")
+    _sweep(monkeypatch, tmp_path, first)
+    best = [t.params["lam"] for t in _best(_studies(tmp_path)["stage0"], 2)]
+    second = [o.replace(f"study_name={STUDY}", "study_name=warm") for o in first] + [
+        f"hydra.sweeper.warm_start=[{{study: {STUDY}.stage0, top: 2}}]",
+        "hydra.sweeper.stages=[{n_trials: 3}]"]
+    _sweep(monkeypatch, tmp_path, second, run_dir="warm")
+    store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "optuna.log")))
+    warm = optuna.load_study(study_name="warm.stage0", storage=store)
+    assert [t.params["lam"] for t in warm.trials[:2]] == best
+
+    second[-2] = "hydra.sweeper.warm_start=[{study: nosuch}]"
+    with pytest.raises(SystemExit) as exit_:
+        _sweep(monkeypatch, tmp_path, [o.replace("study_name=warm", "study_name=w2")
+                                       for o in second], run_dir="bad")
+    assert exit_.value.code == 2
+    assert "no study 'nosuch' in that storage; allowed ['c2f', 'c2f.stage0'" in \
+        capsys.readouterr().err
+
+
+# --- several objectives -----------------------------------------------------------------
+
+def _two_objectives(tmp_path, tiny_cifar, tracking_uri, *extra):
+    return _overrides(tmp_path, tiny_cifar, tracking_uri,
+                      "hydra.sweeper.direction=[maximize,minimize]",
+                      "hydra.sweeper.objectives=[val_acc,n_params]",
+                      "hydra.sweeper.sampler=tpe", "model.layers=choice([4],[8],[16])",
+                      "hydra.sweeper.stages=[{n_trials: 6}]",
+                      "hydra.sweeper.final.front_tolerance=0.05", *extra)
+
+
+def test_several_objectives_give_a_pareto_front_on_the_parent_and_retrain_the_rules_pick(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri):
+    from hydra_plugins.mlplab_optuna_sweeper._records import front_pick, pareto_front
+
+    # Ctrl-C in the fifth trial, then a resume
+    overrides = _two_objectives(tmp_path, tiny_cifar, tracking_uri)
+    _raise_at_call(monkeypatch, 5, KeyboardInterrupt())
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        _sweep(monkeypatch, tmp_path, overrides)
+    assert len(_counted(_studies(tmp_path)["stage0"])) == 4
+    monkeypatch.undo()
+    _sweep(monkeypatch, tmp_path, overrides, run_dir="resumed")
+    studies = _studies(tmp_path)
+    assert len(_counted(studies["stage0"])) == 6
+    directions = ["maximize", "minimize"]
+    front = pareto_front(studies["stage0"].trials, directions)
+    picked = front_pick(front, directions, 0.05)
+    assert {t.number for t in front} == {t.number for t in studies["stage0"].best_trials}
+    client, parent, children = _parent_and_children(tracking_uri)  # one parent
+    assert parent.data.tags["front"] == " ".join(str(t.number) for t in front)
+    table = Path(client.download_artifacts(parent.info.run_id, "pareto_front.csv",
+                                           str(tmp_path)))
+    rows = list(csv.DictReader(table.read_text().splitlines()))
+    assert [int(r["number"]) for r in rows] == [t.number for t in front]
+    assert {"pareto_front.png", "trials.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    final = [c for c in children if c.data.tags.get("stage") == "final"]
+    assert len(final) == 1 and final[0].data.params["lam"] == str(picked.params["lam"])
+    assert parent.data.tags["best.model.layers"] == picked.params["model.layers"]
+    assert "final_test_acc" in parent.data.metrics
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("hydra.sweeper.pruner=median", "pruner='median': Optuna cannot prune a study of "
+                                    "several objectives"),
+    ("hydra.sweeper.final.top_m=2", "final.top_m=2, final.choose_in='final': with several"),
+    ("hydra.sweeper.objectives=[val_acc]", "objectives=['val_acc']: one per direction"),
+])
+def test_what_several_objectives_cannot_do_is_refused_before_anything_is_recorded(
+        monkeypatch, tmp_path, tiny_cifar, tracking_uri, capsys, extra, message):
+    _refused(monkeypatch, tmp_path, capsys, tracking_uri, message,
+             _two_objectives(tmp_path, tiny_cifar, tracking_uri, extra))

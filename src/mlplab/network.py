@@ -60,6 +60,11 @@ class Network:
     def dtype(self):
         return self.params["W1"].dtype
 
+    @property
+    def n_params(self) -> int:
+        """Trainable numbers: weights, biases and batch norm's scales and shifts."""
+        return sum(p.size for p in self.params.values())
+
     def weight_names(self) -> list[str]:
         """The parameters L2 regularisation applies to (weights, not biases or BN)."""
         return [f"W{i}" for i in range(1, self.n_layers + 1)]

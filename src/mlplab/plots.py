@@ -193,3 +193,26 @@ def plot_search_stage(points: list[tuple[float, float]], best: list[tuple[float,
     if title:
         ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def plot_pareto(points: list[tuple[float, float]], front: list[tuple[float, float]], path,
+                *, labels: tuple[str, str], chosen: tuple[float, float] | None = None,
+                title: str = "") -> None:
+    """Two objectives of a search's complete trials: every trial a dot, the Pareto
+    front joined as a staircase, the member the final step retrains ringed."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    if points:
+        ax.plot(*zip(*points, strict=True), "o", color="C7", alpha=0.6, label="trial")
+    if front:
+        ax.step(*zip(*sorted(front), strict=True), "o-", where="post", color="C0",
+                label=f"Pareto front ({len(front)})")
+    if chosen is not None:
+        ax.plot(*chosen, "o", markersize=13, markerfacecolor="none", markeredgecolor="C3",
+                markeredgewidth=2, label="retrained")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(fig, path)

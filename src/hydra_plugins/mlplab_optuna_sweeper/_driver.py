@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import optuna
 from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
@@ -66,6 +67,9 @@ from ._records import (
     TEST_ACC,
     ParentRun,
     StageRecord,
+    first_value,
+    front_pick,
+    pareto_front,
     run_name,
     winner,
 )
@@ -79,6 +83,7 @@ DIRECTIONS = ("maximize", "minimize")
 CHOOSE_IN = ("final", "last_stage")  # where the final step compares its candidates
 SETTINGS = "settings"  # the sweep study's user attribute: the search a resume must match
 WORKER_LOST = "worker lost"  # the failure of a stale trial's run: its worker stopped
+VAL_ACC = "val_acc"  # the default objective
 
 
 class SweepFailed(RuntimeError):
@@ -130,7 +135,27 @@ def check(s: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"hydra.sweeper.{message}")
 
-    require(s.direction in DIRECTIONS, f"direction={s.direction!r}: allowed {DIRECTIONS}")
+    directions = as_directions(s.direction)
+    require(directions and all(d in DIRECTIONS for d in directions),
+            f"direction={s.direction!r}: allowed {DIRECTIONS} or a list of them, one per "
+            "objective")
+    names = objectives(s)
+    require(len(names) == len(directions),
+            f"objectives={names}: one per direction ({len(directions)}: {directions})")
+    require(s.final is None or s.final.front_tolerance >= 0,
+            f"final.front_tolerance={s.final and s.final.front_tolerance}: must be >= 0")
+    if len(directions) > 1:  # what Optuna and a single answer allow with a front
+        require(s.pruner == "none",
+                f"pruner={s.pruner!r}: Optuna cannot prune a study of several objectives "
+                f"(direction={directions}); allowed none")
+        require(len(s.stages) <= 1,
+                f"stages: {len(s.stages)} given; with several objectives a search has one "
+                "stage (narrowing to the best has no single best); allowed 0 or 1")
+        require(s.final is None or (s.final.top_m == 1 and s.final.choose_in == "final"),
+                f"final.top_m={s.final and s.final.top_m}, final.choose_in="
+                f"{s.final and s.final.choose_in!r}: with several objectives the final step "
+                "retrains the one front member final.front_tolerance picks; allowed "
+                "top_m=1, choose_in=final (seeds may be more)")
     require(s.n_trials >= 1, f"n_trials={s.n_trials}: must be >= 1")
     require(s.n_jobs >= 1, f"n_jobs={s.n_jobs}: must be >= 1")
     require(s.workers is None or s.workers >= 1,
@@ -150,6 +175,60 @@ def check(s: DictConfig) -> None:
     _pruning.describe(s.pruner, s.pruning)
 
 
+def as_directions(direction) -> list[str]:
+    """hydra.sweeper.direction as a list: one per objective."""
+    return [direction] if isinstance(direction, str) else list(direction)
+
+
+def objectives(s: DictConfig) -> list[str]:
+    """The names of the outcome's metrics the trials are scored by (default val_acc)."""
+    return list(s.objectives) if s.objectives is not None else [VAL_ACC]
+
+
+WARM = "hydra.sweeper.warm_start"
+FROM_STUDY = ("study", "storage", "top")  # a warm start from another study's best trials
+
+
+def warm_entries(params: list[Param], given: list) -> list[dict]:
+    """warm_start checked: each point in the space (a choice as the space stores it),
+    or {study: NAME, storage: URL or null, top: N or null} with no other key."""
+    out = []
+    for i, entry in enumerate(given):
+        if isinstance(entry, dict) and "study" in entry:
+            extra = sorted(set(entry) - set(FROM_STUDY))
+            if extra:
+                raise ConfigError(f"{WARM}[{i}]: {extra} with 'study'; allowed keys "
+                                  f"{list(FROM_STUDY)}", key=f"{WARM}[{i}]")
+            top = entry.get("top")
+            if top is not None and (not isinstance(top, int) or top < 1):
+                raise ConfigError(f"{WARM}[{i}].top={top!r}: allowed null (all) or an int "
+                                  ">= 1", key=f"{WARM}[{i}].top")
+            out.append({k: entry.get(k) for k in FROM_STUDY})
+        else:
+            out += _space.warm_points(params, [entry], WARM, first=i)
+    return out
+
+
+def warm_points(params: list[Param], entries: list[dict], storage, n_trials: int) -> list[dict]:
+    """The points stage 0 starts from: the given ones, and the best trials of the
+    studies named, those that lie in this space (others are said and skipped)."""
+    points = []
+    for entry in entries:
+        if set(entry) != set(FROM_STUDY) or "study" not in entry:
+            points.append(entry)
+            continue
+        other = storage if entry["storage"] is None else _studies.open_storage(entry["storage"])
+        found = _studies.best_points(other, entry["study"], entry["top"])
+        inside = [p for p in found if _space.inside(params, p)]
+        log.info("warm start: %d of the %d best trials of study %s lie in this space",
+                 len(inside), len(found), entry["study"])
+        points += [_space.warm_points(params, [p], WARM)[0] for p in inside]
+    if len(points) > n_trials:
+        raise ConfigError(f"{WARM}: {len(points)} points for stage 0's {n_trials} trials; "
+                          "allowed at most that many (a study's: set its top)", key=WARM)
+    return points
+
+
 def names_searched(err: Exception, params: list[Param]) -> bool:
     """Whether a ConfigError is about a searched key (that sample's fault)."""
     return getattr(err, "key", None) in {p.name for p in params}
@@ -158,7 +237,10 @@ def names_searched(err: Exception, params: list[Param]) -> bool:
 def search_settings(s: DictConfig, params: list[Param], stages: list[Stage],
                     warm: list[dict]) -> dict:
     """What a resumed study must share with the run that started it (JSON for Optuna)."""
-    return {"direction": s.direction, "space": {p.name: _space.describe(p) for p in params},
+    direction = s.direction if isinstance(s.direction, str) else list(s.direction)
+    return {"direction": direction, "objectives": objectives(s),
+            "carry_forward": s.carry_forward,
+            "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
             "pruner": _pruning.describe(s.pruner, s.pruning),
             "warm_start": warm,
@@ -206,7 +288,9 @@ class Sweep:
         check(settings)
         self.s, self.config, self.launcher = settings, config, launcher
         self.compose = compose
-        self.maximize = settings.direction == "maximize"
+        self.directions = as_directions(settings.direction)
+        self.objectives = objectives(settings)
+        self.maximize = self.directions[0] == "maximize"  # how the first objective ranks
         self.sampler = _samplers.spec(settings.sampler)
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         self.worker = _studies.worker_id()
@@ -233,14 +317,10 @@ class Sweep:
             raise ConfigError("nothing to search: give hydra.sweeper.params or a sweep "
                               "override such as 'lam=tag(log, interval(1e-5, 1e-1))'")
         stages = plan(s)
-        self.warm = _space.warm_points(params, OmegaConf.to_container(s.warm_start),
-                                      "hydra.sweeper.warm_start")
-        if len(self.warm) > stages[0].n_trials:
-            raise ConfigError(f"hydra.sweeper.warm_start: {len(self.warm)} points for stage 0's "
-                              f"{stages[0].n_trials} trials; allowed at most that many",
-                              key="hydra.sweeper.warm_start")
+        warm_given = warm_entries(params, OmegaConf.to_container(s.warm_start))
         # each sampled stage's start-up, refused before anything runs if it is the stage
-        self.startups = {st.label: _samplers.startup(self.sampler, st.n_trials, st.label)
+        share = _pruning.bracket_share(self.pruner)
+        self.startups = {st.label: _samplers.startup(self.sampler, st.n_trials, st.label, share)
                          for st in stages if not st.retrains}
         storage_url = self._storage_url()
         name = s.study_name or time.strftime("mlplab-sweep-%Y%m%d-%H%M%S")
@@ -249,9 +329,11 @@ class Sweep:
         with terminate_as_interrupt(), self._helpers(storage_url, name):
             self._check_config(stages, params, fixed)
             storage = _studies.open_storage(storage_url)
-            sweep_study, created = _studies.open_study(storage, name, s.direction)
+            self.warm = warm_points(params, warm_given, storage, stages[0].n_trials)
+            sweep_study, created = _studies.open_study(storage, name, self.directions)
             self._check_resume(sweep_study, storage, name,
-                               search_settings(s, params, stages, self.warm))
+                               search_settings(s, params, stages, warm_given))
+            self.stage_overrides = {st.label: st.overrides for st in stages}
             return self._run(stages, params, fixed, storage, storage_url, name,
                              sweep_study, created)
 
@@ -280,7 +362,8 @@ class Sweep:
                  _studies.describe_storage(storage_url), self.worker, parent.run_id,
                  mask_password(self.uri))
         parent.log_params({
-            "direction": s.direction, "sampler": _samplers.describe(self.sampler),
+            "direction": " ".join(self.directions), "objectives": " ".join(self.objectives),
+            "sampler": _samplers.describe(self.sampler),
             "seed": s.seed,
             "n_jobs": s.n_jobs, "workers": self.plan.workers, "cores": self.plan.cores,
             "top_k": s.top_k, "margin": s.margin,
@@ -307,11 +390,11 @@ class Sweep:
                             "completed (failures: see the log and the trials' runs in "
                             "MLflow)")
             if not self.helper:  # the worker that started the others sums up
-                parent.write_summary(records, s.top_k, self.maximize)
+                self._summary(parent, records)
             status = "FINISHED"
         except SweepFailed:
             if not self.helper:
-                parent.write_summary(records, s.top_k, self.maximize)  # what was tried
+                self._summary(parent, records)  # what was tried
             raise
         except KeyboardInterrupt:
             status = "KILLED"
@@ -320,6 +403,10 @@ class Sweep:
             if not self.helper:
                 parent.set_status(status)
         return records
+
+    def _summary(self, parent: ParentRun, records: list[StageRecord]) -> None:
+        parent.write_summary(records, self.s.top_k, self.directions, tuple(self.objectives),
+                             self.s.final.front_tolerance if self.s.final else 0.0)
 
     def _storage_url(self) -> str | None:
         """The configured storage; with a pruner or several workers and none
@@ -355,7 +442,8 @@ class Sweep:
             sweep_study.set_user_attr(SETTINGS, wanted)
             return
         # from before pruning, warm starts existed
-        stored = {"pruner": {"name": "none"}, "warm_start": [], **stored}
+        stored = {"pruner": {"name": "none"}, "warm_start": [], "objectives": [VAL_ACC],
+                  "carry_forward": True, **stored}
         diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items()
                  if k != "stages" and stored.get(k) != v]
         # the final step may start or stop comparing in the last stage's setting: its
@@ -397,7 +485,7 @@ class Sweep:
                     heartbeat) -> StageRun:
         s = self.s
         study_name = f"{name}.{stage.study_suffix}"
-        study, created = _studies.open_study(storage, study_name, s.direction)
+        study, created = _studies.open_study(storage, study_name, self.directions)
         n_startup = None if stage.retrains else self.startups[stage.label]
 
         def make(seed):
@@ -442,12 +530,18 @@ class Sweep:
                                   for k, v in spans.items()}})
         log.info("stage %s: %d trials, %s, overrides %s", stage.label, stage.n_trials,
                  ", ".join(f"{k} {v}" for k, v in spans.items()), stage.overrides or "none")
-        if not records and ctx.created:  # once, by the worker that made the study
-            for point in self.warm:
-                ctx.study.enqueue_trial(point, skip_if_exists=True)
-            if self.warm:
-                log.info("stage %s: starts from %d given point(s) (warm_start)",
-                         stage.label, len(self.warm))
+        if ctx.created:  # once, by the worker that made the study; the others wait
+            if not records:
+                for point in self.warm:
+                    ctx.study.enqueue_trial(point, skip_if_exists=True)
+                if self.warm:
+                    log.info("stage %s: starts from %d given point(s) (warm_start)",
+                             stage.label, len(self.warm))
+            else:
+                self._carry_forward(ctx, space, records)
+            ctx.study.set_user_attr(_studies.READY, True)
+        else:
+            _studies.wait_until_ready(ctx.study)
 
         def within_budget(asked):
             allowed = {t.number for t in ctx.ledger.counted()[:stage.n_trials]}
@@ -463,8 +557,28 @@ class Sweep:
         best = record.top(1, self.maximize)
         log.info("stage %s done: %d complete, %d pruned, %d failed%s", stage.label,
                  len(record.complete()), len(record.pruned()), len(record.failed()),
-                 f"; best {best[0].value:.4f} at {best[0].params}" if best else "")
+                 f"; best {first_value(best[0]):.4f} at {best[0].params}" if best else "")
         return record
+
+    def _carry_forward(self, ctx: StageRun, space: list[Param],
+                       records: list[StageRecord]) -> None:
+        """Give a model-based sampler the earlier stages' complete trials that trained
+        as this stage does (the same overrides: the same objective) and lie in its
+        space, marked as carried so that they count for nothing."""
+        if not (self.s.carry_forward and _samplers.learns(self.sampler)):
+            return
+        alike = [r for r in records if r.label not in (CHOOSE, FINAL)
+                 and self.stage_overrides[r.label] == ctx.stage.overrides]
+        dists = {p.name: p.distribution for p in space}
+        carried = [optuna.trial.create_trial(
+            params=t.params, distributions=dists, values=t.values,
+            user_attrs={_studies.CARRIED: f"stage{r.label} trial {t.number}"})
+            for r in alike for t in r.complete() if _space.inside(space, t.params)]
+        ctx.study.add_trials(carried)
+        skipped = [r.label for r in records if r not in alike and r.label not in (CHOOSE, FINAL)]
+        log.info("stage %s: its sampler learns from %d trial(s) of stage(s) %s%s",
+                 ctx.stage.label, len(carried), [r.label for r in alike] or "none",
+                 f" (not from stage(s) {skipped}: they trained otherwise)" if skipped else "")
 
     def _wait_for_others(self, ctx: StageRun) -> bool:
         """Whether trials of the stage still run elsewhere (then wait a little)."""
@@ -487,6 +601,10 @@ class Sweep:
         s, label = self.s, ctx.stage.label
         last = next(r for r in reversed(records) if r.label != CHOOSE)
         top = last.top(s.final.top_m, self.maximize, distinct=True)
+        if len(self.directions) > 1:  # the front member the stated rule picks
+            picked = front_pick(pareto_front(last.trials, self.directions), self.directions,
+                                s.final.front_tolerance)
+            top = [picked] if picked is not None else []
         candidates = [t.params for t in top]
         base = self.compose([*ctx.fixed, *ctx.stage.overrides]).train.seed
         seeds = [base + i for i in range(s.final.seeds)]
@@ -634,7 +752,7 @@ class Sweep:
         stop the sweep (a ConfigError/DataError no sample is to blame for)."""
         stage, study = ctx.stage, ctx.study
         failure = fatal = None
-        value, test_acc, pruned_at = math.nan, None, None
+        values, test_acc, pruned_at = [math.nan], None, None
         try:
             outcome = ret.return_value  # re-raises the job's exception
         except Exception as err:
@@ -644,10 +762,17 @@ class Sweep:
         else:
             failure = outcome.failure
             if failure is None:
-                value = outcome.val_acc
-                test_acc, pruned_at = outcome.final.get("test_acc"), outcome.pruned_at
-                if not math.isfinite(value):
-                    failure = f"diverged: the objective is {value}"
+                missing = [o for o in self.objectives if o not in outcome.final]
+                if missing:  # every trial would miss it alike
+                    failure = f"no objective {missing} in the task's outcome"
+                    fatal = ConfigError(f"hydra.sweeper.objectives={self.objectives}: the "
+                                        f"task's outcome has {sorted(outcome.final)}",
+                                        key="hydra.sweeper.objectives")
+                else:
+                    values = [float(outcome.final[o]) for o in self.objectives]
+                    test_acc, pruned_at = outcome.final.get("test_acc"), outcome.pruned_at
+                    if not all(math.isfinite(v) for v in values):
+                        failure = f"diverged: the objective is {values}"
         try:
             if failure is None:
                 if test_acc is not None:
@@ -656,11 +781,11 @@ class Sweep:
                     trial.set_user_attr(PRUNED_AT, pruned_at)
                     study.tell(trial, state=TrialState.PRUNED)
                     log.info("stage %s trial %d: %s -> pruned at step %d (%.4f)",
-                             stage.label, trial.number, trial.params, pruned_at, value)
+                             stage.label, trial.number, trial.params, pruned_at, values[0])
                     return None
-                study.tell(trial, value)
-                log.info("stage %s trial %d: %s -> %.4f", stage.label, trial.number,
-                         trial.params, value)
+                study.tell(trial, values)
+                log.info("stage %s trial %d: %s -> %s", stage.label, trial.number,
+                         trial.params, " ".join(f"{v:.6g}" for v in values))
                 return None
             if fatal is None:  # counted; a fatal error's trial is replaced after the fix
                 trial.set_user_attr(FAILURE, failure[:MAX_TAG_LENGTH])

@@ -10,6 +10,7 @@ trial's curve, and a resumed sweep sees those of the run before.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -47,6 +48,21 @@ def describe(name: str, pruning) -> dict[str, Any]:
             raise ConfigError(f"hydra.sweeper.pruning.{key}={value!r}: allowed {allowed}",
                               key=f"hydra.sweeper.pruning.{key}")
     return {"name": name, **knobs}
+
+
+def bracket_share(settings: dict[str, Any]) -> float:
+    """The smallest share of a stage's trials one sampler sees: Optuna gives a sampler
+    only its own Hyperband bracket's trials (1.0 for other pruners, and for Hyperband
+    before its resources are known)."""
+    if settings["name"] != "hyperband" or AUTO in (settings["min_resource"],
+                                                  settings["max_resource"]):
+        return 1.0
+    # Optuna's HyperbandPruner: floor(log_rf(max / min)) + 1 brackets, bracket s (from
+    # the most aggressive) taking ceil(n * rf**s / (s + 1)) parts of the trials
+    rf = settings["reduction_factor"]
+    n = math.floor(math.log(settings["max_resource"] / settings["min_resource"], rf)) + 1
+    budgets = [math.ceil(n * rf ** s / (s + 1)) for s in range(n)]
+    return min(budgets) / sum(budgets)
 
 
 def make_pruner(settings: dict[str, Any]) -> optuna.pruners.BasePruner:

@@ -67,7 +67,7 @@ class StageRecord:
     def top(self, k: int, maximize: bool, distinct: bool = False) -> list[FrozenTrial]:
         """The best k complete trials; `distinct`: the best of each configuration only
         (a categorical space can repeat one)."""
-        ranked = sorted(self.complete(), key=lambda t: t.value, reverse=maximize)
+        ranked = sorted(self.complete(), key=first_value, reverse=maximize)
         if distinct:
             first = {}
             for t in ranked:
@@ -100,7 +100,7 @@ def candidates(final: StageRecord) -> list[Candidate]:
     for params in final.candidates or []:
         runs = [t for t in newest.values()
                 if all(t.params.get(k) == v for k, v in params.items())]
-        out.append(Candidate(params, [t.value for t in runs],
+        out.append(Candidate(params, [first_value(t) for t in runs],
                              [t.user_attrs[TEST_ACC] for t in runs
                               if TEST_ACC in t.user_attrs]))
     return out
@@ -241,16 +241,26 @@ class ParentRun:
 
     # --- summary ----------------------------------------------------------------------
 
-    def write_summary(self, records: list[StageRecord], top_k: int, maximize: bool) -> None:
+    def write_summary(self, records: list[StageRecord], top_k: int, directions: list[str],
+                      objectives: tuple[str, ...] = ("val_acc",),
+                      front_tolerance: float = 0.0) -> None:
         """trials.csv, a plot per stage and numeric parameter, best value and params
-        per stage (metrics stepped by stage), and the final step's candidates."""
+        per stage (metrics stepped by stage), and the final step's candidates; with
+        several objectives, the last searched stage's Pareto front (pareto_front.csv,
+        .png) and the member the front rule picks as the answer."""
+        maximize = directions[0] == "maximize"
         names = list(dict.fromkeys(p.name for r in records for p in r.params))
         searched = [r for r in records if r.label not in (CHOOSE, FINAL)]
+        picked = None
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             table = tmp / "trials.csv"
-            write_table(records, names, table)
+            write_table(records, names, table, objectives)
             self._artifact(table)
+            if len(directions) > 1 and searched:
+                front = pareto_front(searched[-1].trials, directions)
+                picked = front_pick(front, directions, front_tolerance)
+                self._write_front(searched[-1], front, picked, names, objectives, tmp)
             for i, record in enumerate(searched):
                 best = record.top(top_k, maximize)
                 for p in record.params:
@@ -259,13 +269,15 @@ class ParentRun:
                         _stage_plot(record, p, best, path)
                         self._artifact(path)
                 if best:
-                    self.log_metrics({"best_value": best[0].value,
+                    self.log_metrics({"best_value": first_value(best[0]),
                                       **_numbers("best_", best[0].params)}, step=i)
                 self.log_metrics({"n_complete": len(record.complete()),
                                   "n_pruned": len(record.pruned()),
                                   "n_failed": len(record.failed())}, step=i)
         answer = searched[-1].top(1, maximize)[0].params \
             if searched and searched[-1].complete() else None
+        if picked is not None:
+            answer = picked.params
         final = next((r for r in records if r.label == FINAL), None)
         if final is not None:
             compared = next((r for r in records if r.label == CHOOSE), final)
@@ -275,6 +287,30 @@ class ParentRun:
                 self.log_metrics(_numbers("best_", answer), step=len(searched))
         if answer is not None:  # tags, not params: a resumed sweep may change its answer
             self.set_tags({f"best.{k}": v for k, v in answer.items()})
+
+    def _write_front(self, record: StageRecord, front: list[FrozenTrial],
+                     picked: FrozenTrial | None, names: list[str],
+                     objectives: tuple[str, ...], tmp: Path) -> None:
+        """The Pareto front as a table (one row per member, best first objective first)
+        and a plot of the first two objectives; `front_size` and `front` tags."""
+        table = tmp / "pareto_front.csv"
+        with open(table, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["stage", "number", *objectives, "picked", *names])
+            for t in front:
+                out.writerow([record.label, t.number, *map(repr, t.values), t is picked,
+                              *(t.params.get(n, "") for n in names)])
+        self._artifact(table)
+        path = tmp / "pareto_front.png"
+        plots.plot_pareto([tuple(t.values[:2]) for t in record.complete()],
+                          [tuple(t.values[:2]) for t in front], path,
+                          labels=(objectives[0], objectives[1]),
+                          chosen=tuple(picked.values[:2]) if picked else None,
+                          title=f"stage {record.label}: {len(record.complete())} complete "
+                                f"trials, {len(front)} on the front")
+        self._artifact(path)
+        self.set_tags({"front_size": len(front),
+                       "front": " ".join(str(t.number) for t in front)})
 
     def _write_final(self, compared: StageRecord, final: StageRecord,
                      maximize: bool) -> Candidate | None:
@@ -326,6 +362,40 @@ class ParentRun:
         tracking.with_retries(lambda: self.client.log_artifact(self.run_id, str(path)))
 
 
+def first_value(t: FrozenTrial) -> float | None:
+    """A trial's value, or its first objective's (FrozenTrial.value refuses several)."""
+    return t.values[0] if t.values else None
+
+
+def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """The complete trials no other complete trial beats in every objective (at least
+    as good in all, better in one), sorted by the first objective, best first."""
+    signs = [1 if d == "maximize" else -1 for d in directions]
+    scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)])
+              for t in trials if t.state == TrialState.COMPLETE]
+
+    def beaten(a):
+        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a
+                   for _, b in scored)
+
+    front = [t for t, a in scored if not beaten(a)]
+    return sorted(front, key=lambda t: (-signs[0] * t.values[0], t.number))
+
+
+def front_pick(front: list[FrozenTrial], directions: list[str],
+               tolerance: float) -> FrozenTrial | None:
+    """The final step's rule: among the front members within `tolerance` of the best
+    first objective, the best in the second (then the third, ...)."""
+    if not front:
+        return None
+    signs = [1 if d == "maximize" else -1 for d in directions]
+    best = front[0].values[0]
+    # (a hair of slack: 0.55 - 0.54 is 0.0100000001 in floats, and within 0.01)
+    near = [t for t in front if signs[0] * (best - t.values[0]) <= tolerance + 1e-12]
+    return max(near, key=lambda t: ([s * v for s, v in zip(signs[1:], t.values[1:],
+                                                           strict=True)], -t.number))
+
+
 def run_name(stage: str, number: int, params: dict | None = None) -> str:
     """'stage0-trial3 lam=0.00123' (the final step's retrains: 'final lam=...',
     'choose lam=...'): the runs list says which trial it is and what it tried."""
@@ -335,24 +405,29 @@ def run_name(stage: str, number: int, params: dict | None = None) -> str:
     return f"{name} {values}" if values else name
 
 
-def write_table(records: list[StageRecord], names: list[str], path: Path) -> None:
+def write_table(records: list[StageRecord], names: list[str], path: Path,
+                objectives: tuple[str, ...] = ("val_acc",)) -> None:
     """One row per counted trial: stage, number, state (COMPLETE, PRUNED, FAIL), value
-    (a pruned trial's: its last reported), test_acc, pruned_at, then each parameter."""
+    (the first objective; a pruned trial's: its last reported), value_<objective> for
+    each further objective, test_acc, pruned_at, then each parameter."""
+    more = [f"value_{o}" for o in objectives[1:]]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow([*TABLE_COLUMNS, *names])
+        out.writerow([*TABLE_COLUMNS[:4], *more, *TABLE_COLUMNS[4:], *names])
         for record in records:
             for t in record.trials:
-                value = "" if t.value is None else repr(t.value)
-                out.writerow([record.label, t.number, t.state.name, value,
+                values = list(t.values or [])[:len(objectives)]
+                values += [None] * (len(objectives) - len(values))
+                out.writerow([record.label, t.number, t.state.name,
+                              *("" if v is None else repr(v) for v in values),
                               t.user_attrs.get(TEST_ACC, ""), t.user_attrs.get(PRUNED_AT, ""),
                               *(t.params.get(n, "") for n in names)])
 
 
 def _stage_plot(record: StageRecord, p: Param, best: list[FrozenTrial], path: Path) -> None:
     def points(trials):
-        return [(t.params[p.name], t.value) for t in trials
-                if p.name in t.params and t.value is not None]
+        return [(t.params[p.name], first_value(t)) for t in trials
+                if p.name in t.params and first_value(t) is not None]
 
     d = p.distribution
     plots.plot_search_stage(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from typing import Any
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 KEY = "hydra.sweeper.sampler"
 NAMES = {"tpe": "optuna.samplers.TPESampler", "random": "optuna.samplers.RandomSampler",
          "qmc": "optuna.samplers.QMCSampler", "gp": "optuna.samplers.GPSampler",
-         "cmaes": "optuna.samplers.CmaEsSampler"}
+         "cmaes": "optuna.samplers.CmaEsSampler", "nsga2": "optuna.samplers.NSGAIISampler"}
+BLIND = ("RandomSampler", "QMCSampler")  # samplers that draw without looking at trials
 STARTUP = "n_startup_trials"
 STARTUP_SHARE = 3  # a stage too short for a sampler's own start-up: a third of it
 
@@ -80,27 +82,36 @@ def make(sampler: dict, seed: int | None, n_startup: int | None = None):
                           f"{allowed}", key=key) from None
 
 
-def startup(sampler: dict, n_trials: int, stage: str) -> int | None:
-    """The start-up of a stage of `n_trials` trials (None: the sampler has none)."""
+def startup(sampler: dict, n_trials: int, stage: str, share: float = 1.0) -> int | None:
+    """The start-up of a stage of `n_trials` trials (None: the sampler has none), of
+    which the sampler's model sees `share` (Hyperband: the smallest bracket's)."""
     param = inspect.signature(_class(sampler)).parameters.get(STARTUP)
     if param is None:
         return None
+    seen = max(1, math.floor(n_trials * share))
+    where = f"stage {stage} has n_trials={n_trials}" + (
+        "" if seen == n_trials else f", about {seen} in Hyperband's smallest bracket "
+        "(Optuna's sampler sees its bracket's trials only)")
     given = sampler.get(STARTUP)
     if given is not None:
-        if given >= n_trials:
+        if given >= seen:
             raise ConfigError(
-                f"{KEY}.{STARTUP}={given}: stage {stage} has n_trials={n_trials}, so all of "
-                f"its trials would be the sampler's random start-up; allowed < {n_trials}",
-                key=f"{KEY}.{STARTUP}")
+                f"{KEY}.{STARTUP}={given}: {where}, so all of them would be the sampler's "
+                f"random start-up; allowed < {seen}", key=f"{KEY}.{STARTUP}")
         return given
-    if param.default < n_trials:
+    if param.default < seen:
         return param.default
-    fit = max(1, n_trials // STARTUP_SHARE)
-    log.info("stage %s: %d trials, fewer than %s's default %s=%d: its start-up is %d "
-             "random trial(s), then its model (set %s.%s to choose)", stage, n_trials,
+    fit = max(1, seen // STARTUP_SHARE)
+    log.info("%s, not more than %s's default %s=%d: its start-up is %d random trial(s), "
+             "then its model (set %s.%s to choose)", where,
              sampler["_target_"].rsplit(".", 1)[-1], STARTUP, param.default, fit, KEY,
              STARTUP)
     return fit
+
+
+def learns(sampler: dict) -> bool:
+    """Whether the sampler draws from what earlier trials scored (TPE, GP, ...)."""
+    return sampler["_target_"].rsplit(".", 1)[-1] not in BLIND
 
 
 def describe(sampler: dict) -> str:

@@ -130,12 +130,14 @@ def sample(params: Iterable[Param], seed: int = 0) -> dict:
     return study.ask({p.name: p.distribution for p in params}).params
 
 
-def warm_points(params: Sequence[Param], points: Sequence[dict], key: str) -> list[dict]:
+def warm_points(params: Sequence[Param], points: Sequence[dict], key: str,
+                first: int = 0) -> list[dict]:
     """Points given to start a search from, as trial params (a choice as the space
-    stores it); ConfigError naming `key[i].<param>` for one that is not in the space."""
+    stores it); ConfigError naming `key[i].<param>` for one that is not in the space
+    (i counted from `first`)."""
     out = []
     names = [p.name for p in params]
-    for i, given in enumerate(points):
+    for i, given in enumerate(points, start=first):
         given = dict(given)
         if sorted(given) != sorted(names):
             raise ConfigError(f"{key}[{i}]={given}: give a value for each searched key, "
@@ -156,6 +158,15 @@ def warm_points(params: Sequence[Param], points: Sequence[dict], key: str) -> li
             point[p.name] = v
         out.append(point)
     return out
+
+
+def inside(params: Sequence[Param], point: dict) -> bool:
+    """Whether a trial's params (as a study stores them) are a point of this space."""
+    try:
+        warm_points(params, [point], "point")
+    except ConfigError:
+        return False
+    return True
 
 
 def pinned(params: Iterable[Param], values: dict) -> list[Param]:

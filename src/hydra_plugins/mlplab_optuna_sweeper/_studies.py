@@ -42,6 +42,9 @@ JOURNAL_PREFIX = "journal:"
 SQLITE_TIMEOUT_SECONDS = 60  # how long SQLite waits for another worker's write lock
 FAILURE, HEARTBEAT, WORKER = "failure", "heartbeat", "worker"
 DROPPED = "dropped"  # why a FAIL trial does not count (interrupted, over the budget, ...)
+CARRIED = "carried_from"  # a trial copied from an earlier stage: information, not budget
+READY = "ready"  # a stage study's attribute: its creator has put its first trials in
+READY_WAIT_SECONDS = 30.0
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
@@ -118,13 +121,13 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
         self.sampler.after_trial(study, trial, state, values)
 
 
-def open_study(storage, name: str, direction: str) -> tuple[optuna.Study, bool]:
+def open_study(storage, name: str, directions: list[str]) -> tuple[optuna.Study, bool]:
     """Load the study `name`, or create it; True when this worker created it."""
 
     def attempt():
         try:
             return optuna.create_study(storage=storage, study_name=name,
-                                       direction=direction), True
+                                       directions=directions), True
         except optuna.exceptions.DuplicatedStudyError:
             return optuna.load_study(storage=storage, study_name=name), False
 
@@ -137,6 +140,40 @@ def exists(storage, name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def wait_until_ready(study: optuna.Study) -> None:
+    """A worker that did not create a stage's study waits for its creator to enqueue
+    the warm-start points and carry earlier trials in, so every worker's first draw
+    sees them (a study with a trial past WAITING was set up, by older code too)."""
+    deadline = time.monotonic() + READY_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if READY in study.user_attrs or any(
+                t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            return
+        time.sleep(0.2)
+    log.warning("study %s: its creator did not finish setting it up in %.0f s; going on",
+                study.study_name, READY_WAIT_SECONDS)
+
+
+def best_points(storage, name: str, top: int | None) -> list[dict]:
+    """The params of the best `top` (None: all) complete trials of another study, best
+    first; with several objectives, its Pareto front. ConfigError naming the studies
+    the storage holds when `name` is not one of them."""
+    try:
+        study = optuna.load_study(storage=storage, study_name=name)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        raise ConfigError(f"hydra.sweeper.warm_start: no study {name!r} in that storage; "
+                          f"allowed {names}", key="hydra.sweeper.warm_start") from None
+    complete = [t for t in study.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE and CARRIED not in t.user_attrs]
+    if len(study.directions) > 1:
+        ranked = study.best_trials
+    else:
+        sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+        ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+    return [dict(t.params) for t in ranked[:top]]
 
 
 def _last_sign_of_life(t: FrozenTrial) -> float:
@@ -175,6 +212,8 @@ class Ledger:
 
     @staticmethod
     def counts(t: FrozenTrial) -> bool:
+        if CARRIED in t.user_attrs:
+            return False
         return (t.state in COUNTED_STATES
                 or (t.state == TrialState.FAIL and FAILURE in t.user_attrs))
 

@@ -31,6 +31,11 @@ class FinalConf:
     # split, with `seeds` new seeds each; then only the winner retrains with the final
     # overrides, `seeds` seeds, for final_test_acc)
     choose_in: str = "final"
+    # several objectives: the front member retrained is the best in the second objective
+    # among those within this much of the front's best first objective (0: the best
+    # first objective); e.g. 0.005 with [val_acc, n_params]: the smallest net within
+    # half a point of the most accurate
+    front_tolerance: float = 0.0
 
 
 @dataclass
@@ -51,8 +56,13 @@ class PruningConf:
 class MlplabOptunaSweeperConf:
     _target_: str = "hydra_plugins.mlplab_optuna_sweeper.sweeper.MlplabOptunaSweeper"
     _recursive_: bool = False  # the sampler's _target_ is built per trial, with its seed
-    direction: str = "maximize"  # maximize | minimize the task's return value
-    # tpe | random | qmc | gp | cmaes (optuna.samplers), or _target_ and the sampler's
+    # maximize | minimize the objective, or a list: one per objective, e.g. [maximize,
+    # minimize] with objectives [val_acc, n_params] (a Pareto front; no pruner)
+    direction: Any = "maximize"
+    # what a trial's outcome is scored by: names in the task's final metrics (mlplab's:
+    # val_acc, test_acc, train_acc, n_params, ...); null: val_acc
+    objectives: list[str] | None = None
+    # tpe | random | qmc | gp | cmaes | nsga2 (optuna.samplers), or _target_ and the sampler's
     # arguments: {_target_: optuna.samplers.TPESampler, n_startup_trials: 4}; the seed is
     # hydra.sweeper.seed's. A stage too short for the start-up: a third of its trials
     sampler: Any = "tpe"
@@ -74,8 +84,14 @@ class MlplabOptunaSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
     stages: list[StageConf] = field(default_factory=list)  # []: one stage of n_trials
     # points stage 0 runs first (its budget counts them), e.g. [{lam: 0.004}]: a value
-    # per searched key; once per study, so a resume does not run them again
+    # per searched key; or {study: NAME, storage: URL (null: this one), top: 3}: the best
+    # complete trials of another study that lie in this space. Once per study, so a
+    # resume does not run them again
     warm_start: list[Any] = field(default_factory=list)
+    # a later stage's model-based sampler also learns from the earlier stages' complete
+    # trials in its space, when they trained alike (same stage overrides); they inform,
+    # they are not counted nor run again
+    carry_forward: bool = True
     top_k: int = 3  # the next stage searches the log range spanned by the best top_k
     margin: float = 0.0  # ... widened by this many decades on each side
     final: FinalConf | None = None  # retrain the best trial(s) with these overrides

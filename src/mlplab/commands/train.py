@@ -66,7 +66,8 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     t_cfg = cfg.tracking
     if not t_cfg.enabled:
         result = train(on_eval=stop_early)
-        return Outcome(result.final, None, None, _seconds(result, 0.0, t_start),
+        return Outcome(result.final | {"n_params": net.n_params}, None, None,
+                       _seconds(result, 0.0, t_start),
                        pruned_at=result.steps if result.stopped else None)
 
     uri = tracking.resolve_uri(t_cfg.uri)
@@ -86,10 +87,11 @@ def run_experiment(cfg: DictConfig) -> Outcome:
 
         result = train(on_eval=on_eval)
         run.log_params({f"threads.{phase}": str(n) for phase, n in result.extra["threads"].items()})
-        final = result.final
+        final = result.final | {"n_params": net.n_params}  # a second objective to search
         run.log_metrics({"final_train_acc": final["train_acc"],
                          "final_val_acc": final["val_acc"], "test_acc": final["test_acc"],
-                         "test_loss": final["test_loss"]}, step=result.steps)
+                         "test_loss": final["test_loss"], "n_params": final["n_params"]},
+                        step=result.steps)
         if result.stopped:  # the runs list says so, beside its name
             run.set_tags({PRUNED: str(result.steps), "mlflow.runName":
                           f"{t_cfg.run_name or experiment.run_name(cfg, net)} PRUNED"})
