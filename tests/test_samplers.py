@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import optuna
 import pytest
@@ -121,3 +122,62 @@ def test_the_final_rule_takes_the_best_second_objective_within_the_tolerance_of_
     assert front_pick(front, directions, 0.01).number == 3  # smaller, 0.01 below
     assert front_pick(front, directions, 0.1).number == 0  # the smallest of them all
     assert front_pick([], directions, 0.0) is None
+
+
+# --- settings refused before a search starts ------------------------------------------
+
+def test_a_sampler_whose_packages_are_missing_is_refused_not_left_to_fail_after_its_start_up():
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("PyTorch is installed here: GPSampler can run")
+    with pytest.raises(ConfigError, match=r"GPSampler needs \['torch'"):
+        _samplers.spec("gp")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"direction": 1}, "hydra.sweeper.direction=1: allowed ('maximize', 'minimize')"),
+    ({"direction": ["maximize", "up"]}, "direction=['maximize', 'up']: allowed"),
+    ({"objectives": ["n_params"], "direction": "minimize", "pruner": "hyperband"},
+     "pruner='hyperband' with objectives=['n_params']: a trial reports its val_acc"),
+    ({"direction": ["maximize", "minimize"], "objectives": ["val_acc", "n_params"],
+      "stages": [{"n_trials": 3}, {"n_trials": 3}]}, "stages: 2 given; with several"),
+])
+def test_settings_the_sweeper_cannot_honour_are_refused_with_the_key_and_what_is_allowed(
+        setting, message):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.mlplab_optuna_sweeper._driver import check
+    from hydra_plugins.mlplab_optuna_sweeper.config import MlplabOptunaSweeperConf
+
+    s = OmegaConf.merge(OmegaConf.structured(MlplabOptunaSweeperConf), setting)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(s)
+
+
+def test_a_warm_point_must_be_a_point_of_the_space_integers_and_steps_included():
+    from hydra_plugins.mlplab_optuna_sweeper import _space
+
+    params, _ = _space.parse(["n=int(interval(8, 64))", "x=range(0.1, 1, 0.2)"])
+    assert _space.inside(params, {"n": 10, "x": 0.5})
+    assert not _space.inside(params, {"n": 10.5, "x": 0.5})  # not an int
+    assert not _space.inside(params, {"n": 10, "x": 0.4})  # off the 0.2 grid
+    with pytest.raises(ConfigError, match=r"warm_start\[0\]\.n=10.5: allowed an int in"):
+        _space.warm_points(params, [{"n": 10.5, "x": 0.5}], "hydra.sweeper.warm_start")
+
+
+def test_a_worker_waits_for_the_creators_set_up_and_carried_trials_do_not_end_the_wait(
+        monkeypatch, caplog):
+    from hydra_plugins.mlplab_optuna_sweeper import _studies
+
+    monkeypatch.setattr(_studies, "READY_WAIT_SECONDS", 0.5)
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(
+        params={}, distributions={}, value=0.5, user_attrs={_studies.CARRIED: "stage0"}))
+    with caplog.at_level(logging.WARNING):
+        _studies.wait_until_ready(study)  # only a carried trial: not set up yet
+    assert "did not finish setting it up" in caplog.text
+    caplog.clear()
+    study.set_user_attr(_studies.READY, True)
+    _studies.wait_until_ready(study)
+    assert not caplog.text

@@ -39,7 +39,8 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIALS_ARTIFACT = "trials.csv"
 FINAL_STAGE = "final"  # the sweep's retrain of its best trial, a row of trials.csv
 CHOOSE_STAGE = "choose"  # its candidates' retrains with other seeds: not search points
-# trials.csv's columns that are not searched parameters (train.seed: the final's seeds)
+# trials.csv's columns that are not searched parameters (train.seed: the final's seeds;
+# value_<objective>: a search of several objectives)
 TRIALS_COLUMNS = ("stage", "number", "state", "value", "test_acc", "pruned_at", "train.seed")
 ACCURACIES = (("train", "final_train_acc"), ("val", "final_val_acc"), ("test", "test_acc"))
 HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
@@ -271,7 +272,8 @@ def find_search(client: MlflowClient, experiment: str | None = None) -> Search |
                 continue
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-        params = [c for c in (rows[0] if rows else {}) if c not in TRIALS_COLUMNS]
+        params = [c for c in (rows[0] if rows else {}) if c not in TRIALS_COLUMNS
+                  and not c.startswith("value_")]  # further objectives' values
         if not params:
             continue
         param = "lam" if "lam" in params else params[0]

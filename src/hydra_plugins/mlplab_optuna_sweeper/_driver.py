@@ -48,7 +48,7 @@ from pathlib import Path
 
 import optuna
 from hydra.core.override_parser.types import Transformer
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from mlplab import threads, tracking
@@ -136,12 +136,13 @@ def check(s: DictConfig) -> None:
             raise ConfigError(f"hydra.sweeper.{message}")
 
     directions = as_directions(s.direction)
-    require(directions and all(d in DIRECTIONS for d in directions),
-            f"direction={s.direction!r}: allowed {DIRECTIONS} or a list of them, one per "
-            "objective")
     names = objectives(s)
     require(len(names) == len(directions),
             f"objectives={names}: one per direction ({len(directions)}: {directions})")
+    # the jobs report their validation accuracy to the pruner, whatever is optimised
+    require(s.pruner == "none" or names == [VAL_ACC],
+            f"pruner={s.pruner!r} with objectives={names}: a trial reports its val_acc "
+            "to the pruner, so a pruner needs objectives [val_acc]; allowed none")
     require(s.final is None or s.final.front_tolerance >= 0,
             f"final.front_tolerance={s.final and s.final.front_tolerance}: must be >= 0")
     if len(directions) > 1:  # what Optuna and a single answer allow with a front
@@ -151,6 +152,9 @@ def check(s: DictConfig) -> None:
         require(len(s.stages) <= 1,
                 f"stages: {len(s.stages)} given; with several objectives a search has one "
                 "stage (narrowing to the best has no single best); allowed 0 or 1")
+        require(_samplers.handles_objectives(_samplers.spec(s.sampler), len(directions)),
+                f"sampler={_samplers.describe(_samplers.spec(s.sampler))}: cannot search "
+                f"several objectives; allowed tpe, nsga2, random, qmc, gp")
         require(s.final is None or (s.final.top_m == 1 and s.final.choose_in == "final"),
                 f"final.top_m={s.final and s.final.top_m}, final.choose_in="
                 f"{s.final and s.final.choose_in!r}: with several objectives the final step "
@@ -177,7 +181,12 @@ def check(s: DictConfig) -> None:
 
 def as_directions(direction) -> list[str]:
     """hydra.sweeper.direction as a list: one per objective."""
-    return [direction] if isinstance(direction, str) else list(direction)
+    out = [direction] if isinstance(direction, str) else \
+        list(direction) if isinstance(direction, (list, ListConfig)) else None
+    if not out or not all(d in DIRECTIONS for d in out):
+        raise ConfigError(f"hydra.sweeper.direction={direction!r}: allowed {DIRECTIONS} or "
+                          "a list of them, one per objective", key="hydra.sweeper.direction")
+    return out
 
 
 def objectives(s: DictConfig) -> list[str]:
@@ -237,8 +246,9 @@ def names_searched(err: Exception, params: list[Param]) -> bool:
 def search_settings(s: DictConfig, params: list[Param], stages: list[Stage],
                     warm: list[dict]) -> dict:
     """What a resumed study must share with the run that started it (JSON for Optuna)."""
-    direction = s.direction if isinstance(s.direction, str) else list(s.direction)
-    return {"direction": direction, "objectives": objectives(s),
+    directions = as_directions(s.direction)  # [maximize] is stored as maximize, as before
+    return {"direction": directions[0] if len(directions) == 1 else directions,
+            "objectives": objectives(s),
             "carry_forward": s.carry_forward,
             "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
@@ -329,7 +339,10 @@ class Sweep:
         with terminate_as_interrupt(), self._helpers(storage_url, name):
             self._check_config(stages, params, fixed)
             storage = _studies.open_storage(storage_url)
-            self.warm = warm_points(params, warm_given, storage, stages[0].n_trials)
+            # enqueued when stage 0's study is made: a resume reads no other study again
+            fresh = not _studies.exists(storage, f"{name}.{stages[0].study_suffix}")
+            self.warm = warm_points(params, warm_given, storage, stages[0].n_trials) \
+                if fresh else []
             sweep_study, created = _studies.open_study(storage, name, self.directions)
             self._check_resume(sweep_study, storage, name,
                                search_settings(s, params, stages, warm_given))
@@ -567,6 +580,10 @@ class Sweep:
         space, marked as carried so that they count for nothing."""
         if not (self.s.carry_forward and _samplers.learns(self.sampler)):
             return
+        if self.pruner["name"] == "median":  # it would count them as its start-up trials
+            log.info("stage %s: nothing carried forward: the median pruner would take the "
+                     "earlier trials for its n_startup_trials", ctx.stage.label)
+            return
         alike = [r for r in records if r.label not in (CHOOSE, FINAL)
                  and self.stage_overrides[r.label] == ctx.stage.overrides]
         dists = {p.name: p.distribution for p in space}
@@ -769,9 +786,14 @@ class Sweep:
                                         f"task's outcome has {sorted(outcome.final)}",
                                         key="hydra.sweeper.objectives")
                 else:
-                    values = [float(outcome.final[o]) for o in self.objectives]
+                    values = [outcome.final[o] for o in self.objectives]
                     test_acc, pruned_at = outcome.final.get("test_acc"), outcome.pruned_at
-                    if not all(math.isfinite(v) for v in values):
+                    if not all(isinstance(v, (int, float)) for v in values):
+                        failure = f"objectives {self.objectives} are {values}: not numbers"
+                        fatal = ConfigError(f"hydra.sweeper.objectives={self.objectives}: the "
+                                            f"task's outcome has {values}; allowed numeric "
+                                            "metrics", key="hydra.sweeper.objectives")
+                    elif not all(math.isfinite(v) for v in values):
                         failure = f"diverged: the objective is {values}"
         try:
             if failure is None:

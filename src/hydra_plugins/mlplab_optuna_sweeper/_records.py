@@ -281,7 +281,7 @@ class ParentRun:
         final = next((r for r in records if r.label == FINAL), None)
         if final is not None:
             compared = next((r for r in records if r.label == CHOOSE), final)
-            chosen = self._write_final(compared, final, maximize)
+            chosen = self._write_final(compared, final, maximize, objectives[0])
             if chosen is not None:
                 answer = chosen.params
                 self.log_metrics(_numbers("best_", answer), step=len(searched))
@@ -312,8 +312,8 @@ class ParentRun:
         self.set_tags({"front_size": len(front),
                        "front": " ".join(str(t.number) for t in front)})
 
-    def _write_final(self, compared: StageRecord, final: StageRecord,
-                     maximize: bool) -> Candidate | None:
+    def _write_final(self, compared: StageRecord, final: StageRecord, maximize: bool,
+                     objective: str = "val_acc") -> Candidate | None:
         """Each candidate's mean and spread of validation accuracy over its seeds in
         `compared` (metrics stepped by rank, a candidate<i> tag naming it) and the
         chosen one's validation and test accuracy in `final` (the same record, or the
@@ -323,8 +323,8 @@ class ParentRun:
         for i, c in enumerate(cands):
             self.set_tags({f"candidate{i}": " ".join(f"{k}={v}" for k, v in c.params.items())})
             if c.val:
-                self.log_metrics({"candidate_val_acc": statistics.fmean(c.val),
-                                  "candidate_val_acc_sd": Candidate.spread(c.val),
+                self.log_metrics({f"candidate_{objective}": statistics.fmean(c.val),
+                                  f"candidate_{objective}_sd": Candidate.spread(c.val),
                                   "candidate_seeds": len(c.val)}, step=i)
         chosen = choose(cands, maximize)
         if compared is not final:
@@ -338,8 +338,8 @@ class ParentRun:
         if chosen is None or not chosen.val:
             return chosen
         test = statistics.fmean(chosen.test) if chosen.test else None
-        self.log_metrics({"final_val_acc": statistics.fmean(chosen.val),
-                          "final_val_acc_sd": Candidate.spread(chosen.val),
+        self.log_metrics({f"final_{objective}": statistics.fmean(chosen.val),
+                          f"final_{objective}_sd": Candidate.spread(chosen.val),
                           "final_test_acc": test,
                           "final_test_acc_sd": Candidate.spread(chosen.test),
                           "final_seeds": len(chosen.val)})

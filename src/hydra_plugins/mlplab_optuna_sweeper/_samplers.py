@@ -15,6 +15,7 @@ start-up the user set that covers the whole stage is refused before anything run
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import math
@@ -33,6 +34,7 @@ NAMES = {"tpe": "optuna.samplers.TPESampler", "random": "optuna.samplers.RandomS
          "qmc": "optuna.samplers.QMCSampler", "gp": "optuna.samplers.GPSampler",
          "cmaes": "optuna.samplers.CmaEsSampler", "nsga2": "optuna.samplers.NSGAIISampler"}
 BLIND = ("RandomSampler", "QMCSampler")  # samplers that draw without looking at trials
+NEEDS = {"GPSampler": ("torch", "scipy"), "CmaEsSampler": ("cmaes",)}  # not optuna's deps
 STARTUP = "n_startup_trials"
 STARTUP_SHARE = 3  # a stage too short for a sampler's own start-up: a third of it
 
@@ -44,14 +46,29 @@ def spec(setting: Any) -> dict:
             raise ConfigError(f"{KEY}={setting!r}: allowed {sorted(NAMES)}, or _target_ "
                               "and arguments, e.g. {_target_: optuna.samplers.TPESampler, "
                               "n_startup_trials: 4}", key=KEY)
-        return {"_target_": NAMES[setting]}
+        return _check_packages({"_target_": NAMES[setting]})
     out = OmegaConf.to_container(setting) if isinstance(setting, DictConfig) else dict(setting)
+    if "_target_" not in out:
+        raise ConfigError(f"{KEY}={out}: give _target_, e.g. optuna.samplers.TPESampler, "
+                          "and its arguments", key=f"{KEY}._target_")
     if "seed" in out:
         raise ConfigError(f"{KEY}.seed={out['seed']!r}: the sweep seeds each trial's sampler "
                           "from hydra.sweeper.seed; set that instead", key=f"{KEY}.seed")
     if not issubclass(_class(out), optuna.samplers.BaseSampler):
         raise ConfigError(f"{KEY}._target_={out['_target_']!r}: not an Optuna sampler",
                           key=f"{KEY}._target_")
+    return _check_packages(out)
+
+
+def _check_packages(out: dict) -> dict:
+    """Refuse now a sampler whose packages are missing: it would fail once its
+    start-up is over, in the middle of the search."""
+    name = out["_target_"].rsplit(".", 1)[-1]
+    missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{KEY}: {name} needs {missing}, not installed (pip install "
+                          f"{' '.join(missing)}); allowed without them: tpe, random, qmc, "
+                          "nsga2", key=KEY)
     return out
 
 
@@ -107,6 +124,19 @@ def startup(sampler: dict, n_trials: int, stage: str, share: float = 1.0) -> int
              sampler["_target_"].rsplit(".", 1)[-1], STARTUP, param.default, fit, KEY,
              STARTUP)
     return fit
+
+
+def handles_objectives(sampler: dict, n: int) -> bool:
+    """Whether the sampler can search `n` objectives (CMA-ES cannot search several):
+    asked for one point of a throwaway study, as Optuna checks it."""
+    if n == 1:
+        return True
+    study = optuna.create_study(directions=["maximize"] * n, sampler=make(sampler, 0))
+    try:
+        study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    except ValueError:
+        return False
+    return True
 
 
 def learns(sampler: dict) -> bool:

@@ -149,15 +149,24 @@ def warm_points(params: Sequence[Param], points: Sequence[dict], key: str,
                 v = Transformer.encode(v)
                 ok, allowed = v in d.choices, f"one of {list(p.choice_texts.values())}"
             else:
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) \
-                    and d.low <= v <= d.high
-                allowed = f"a number in {describe(p)}"
+                number = int if isinstance(d, IntDistribution) else (int, float)
+                ok = isinstance(v, number) and not isinstance(v, bool) \
+                    and d.low <= v <= d.high and on_grid(v, d)
+                allowed = f"{'an int' if number is int else 'a number'} in {describe(p)}"
             if not ok:
                 raise ConfigError(f"{key}[{i}].{p.name}={given[p.name]!r}: allowed {allowed}",
                                   key=f"{key}[{i}].{p.name}")
             point[p.name] = v
         out.append(point)
     return out
+
+
+def on_grid(v, d) -> bool:
+    """Whether v is low + k * step (always, without a step)."""
+    if not d.step:
+        return True
+    k = (v - d.low) / d.step
+    return abs(k - round(k)) < 1e-9
 
 
 def inside(params: Sequence[Param], point: dict) -> bool:

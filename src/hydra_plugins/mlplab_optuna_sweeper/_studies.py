@@ -149,7 +149,8 @@ def wait_until_ready(study: optuna.Study) -> None:
     deadline = time.monotonic() + READY_WAIT_SECONDS
     while time.monotonic() < deadline:
         if READY in study.user_attrs or any(
-                t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+                t.state != TrialState.WAITING and CARRIED not in t.user_attrs
+                for t in study.get_trials(deepcopy=False)):
             return
         time.sleep(0.2)
     log.warning("study %s: its creator did not finish setting it up in %.0f s; going on",
@@ -168,10 +169,13 @@ def best_points(storage, name: str, top: int | None) -> list[dict]:
                           f"allowed {names}", key="hydra.sweeper.warm_start") from None
     complete = [t for t in study.get_trials(deepcopy=False)
                 if t.state == TrialState.COMPLETE and CARRIED not in t.user_attrs]
-    if len(study.directions) > 1:
-        ranked = study.best_trials
+    directions = [d.name.lower() for d in study.directions]
+    if len(directions) > 1:
+        from ._records import pareto_front  # best first objective first
+
+        ranked = pareto_front(complete, directions)
     else:
-        sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+        sign = -1 if directions[0] == "maximize" else 1
         ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
     return [dict(t.params) for t in ranked[:top]]
 
