@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _samplers
 from hydra_plugins.mlplab_optuna_sweeper._studies import SeededPerTrial, trial_seed
@@ -181,3 +183,46 @@ def test_a_worker_waits_for_the_creators_set_up_and_carried_trials_do_not_end_th
     study.set_user_attr(_studies.READY, True)
     _studies.wait_until_ready(study)
     assert not caplog.text
+
+
+# --- a database that is away ----------------------------------------------------------
+
+def test_a_storage_call_waits_out_a_lost_connection_and_marks_when_the_database_returned(
+        monkeypatch):
+    import sqlalchemy.exc
+
+    from hydra_plugins.mlplab_optuna_sweeper import _studies
+
+    monkeypatch.setattr(_studies.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():  # as Optuna's RDBStorage raises it: the driver's error as the cause
+        calls.append(1)
+        if len(calls) < 3:
+            lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("refused"))
+            raise optuna.exceptions.StorageInternalError("commit failed") from lost
+        return "done"
+
+    before = time.time()
+    assert _studies.Patient.call(flaky, 60, 2, "get_all_trials") == "done"
+    assert len(calls) == 3 and _studies.Patient.recovered_at >= before
+
+    def bad_query():
+        raise optuna.exceptions.StorageInternalError("too long")  # no lost connection
+
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        _studies.Patient.call(bad_query, 60, 2, "set_trial_param")
+
+
+def test_after_an_outage_a_silent_trial_gets_a_full_stale_window_from_the_databases_return(
+        monkeypatch):
+    from hydra_plugins.mlplab_optuna_sweeper import _studies
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr(_studies.HEARTBEAT, time.time() - 100)  # silent through an outage
+    ledger = _studies.Ledger(study, stale_seconds=60)
+    monkeypatch.setattr(_studies.Patient, "recovered_at", time.time() - 10)
+    assert [t.state for t in ledger.trials()] == [TrialState.RUNNING], "not stale yet"
+    monkeypatch.setattr(_studies.Patient, "recovered_at", time.time() - 61)
+    assert [t.state for t in ledger.trials()] == [TrialState.FAIL], "stale now"

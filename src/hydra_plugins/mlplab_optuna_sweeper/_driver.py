@@ -140,7 +140,7 @@ def check(s: DictConfig) -> None:
     require(len(names) == len(directions),
             f"objectives={names}: one per direction ({len(directions)}: {directions})")
     # the jobs report their validation accuracy to the pruner, whatever is optimised
-    require(s.pruner == "none" or names == [VAL_ACC],
+    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1,  # (that: below)
             f"pruner={s.pruner!r} with objectives={names}: a trial reports its val_acc "
             "to the pruner, so a pruner needs objectives [val_acc]; allowed none")
     require(s.final is None or s.final.front_tolerance >= 0,
@@ -167,6 +167,8 @@ def check(s: DictConfig) -> None:
     require(s.top_k >= 1, f"top_k={s.top_k}: must be >= 1")
     require(s.margin >= 0, f"margin={s.margin}: must be >= 0 (decades)")
     require(s.heartbeat_seconds > 0, f"heartbeat_seconds={s.heartbeat_seconds}: must be > 0")
+    require(s.storage_wait_seconds >= 0,
+            f"storage_wait_seconds={s.storage_wait_seconds}: must be >= 0")
     require(s.stale_seconds > s.heartbeat_seconds,
             f"stale_seconds={s.stale_seconds}: must exceed heartbeat_seconds="
             f"{s.heartbeat_seconds}, or live trials would look stale")
@@ -338,7 +340,9 @@ class Sweep:
         # one's; a bad setting found below, Ctrl-C or SIGTERM stops them with it
         with terminate_as_interrupt(), self._helpers(storage_url, name):
             self._check_config(stages, params, fixed)
-            storage = _studies.open_storage(storage_url)
+            # a worker back from an outage beats before the others would call it stale
+            storage = _studies.open_storage(storage_url, s.storage_wait_seconds,
+                                            min(_studies.MAX_RETRY_DELAY, s.stale_seconds / 4))
             # enqueued when stage 0's study is made: a resume reads no other study again
             fresh = not _studies.exists(storage, f"{name}.{stages[0].study_suffix}")
             self.warm = warm_points(params, warm_given, storage, stages[0].n_trials) \

@@ -101,6 +101,10 @@ class MlplabOptunaSweeperConf:
     pruning: PruningConf = field(default_factory=PruningConf)
     heartbeat_seconds: float = 10.0  # how often a worker marks its running trials alive
     stale_seconds: float = 60.0  # a running trial silent this long was interrupted
+    # a database storage that is away (restarted, failing over): each call retries
+    # with a back-off of 1 s to 30 s for this long before the worker gives up; liveness
+    # is judged again from its return, so no live trial looks stale
+    storage_wait_seconds: float = 1800.0
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="mlplab_optuna",
