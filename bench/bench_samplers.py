@@ -1,7 +1,7 @@
 """Do the model-based samplers find better points than random search at equal budget?
 
     python bench/bench_samplers.py [--trials 20] [--seeds 5] [--samplers random,tpe,gp]
-        [--epochs 1] [--n-train 10000]
+        [--epochs 1] [--n-train 10000] [--startup N]
 
 The problem: best_mlp's recipe (3072-1024-1024-10, BN, flip/translate, Nesterov, cosine)
 trained for `--epochs` epochs on the first `--n-train` training rows, scored by its
@@ -10,7 +10,8 @@ ranges a user would start from without the hand tuning (SPACE below). Every tria
 trains with train.seed 0, so a point's score is a fixed number and samplers differ
 only in the points they choose. Each sampler is built from the sweeper's own setting
 (`hydra.sweeper.sampler`: the name, Optuna's defaults bar the start-up, which the
-sweeper's rule fits to the budget) with sampler seeds 0..seeds-1; the samplers are
+sweeper's rule fits to the budget, or `--startup N` for the model-based ones) with
+sampler seeds 0..seeds-1; the samplers are
 interleaved seed by seed, so a slow spell of the machine hits all alike. Prints, per
 sampler, the best validation accuracy after each quarter of the budget: mean and
 standard error over the seeds, and the difference to random in standard errors.
@@ -42,10 +43,13 @@ SPACE = {  # best_mlp's dimensions, wide: where a search starts without hand tun
 }
 
 
-def run(sampler_name: str, seed: int, trials: int, fixed: list[str]) -> list[float]:
+def run(sampler_name: str, seed: int, trials: int, fixed: list[str],
+        startup: int | None = None) -> list[float]:
     """The validation accuracy of each trial, in order, of one search."""
     params, _ = _space.parse([f"{k}={v}" for k, v in SPACE.items()])
     spec = _samplers.spec(sampler_name)
+    if startup is not None and _samplers.learns(spec):
+        spec[_samplers.STARTUP] = startup
     startup = _samplers.startup(spec, trials, "bench")
     study = optuna.create_study(direction="maximize",
                                 sampler=_samplers.make(spec, seed, startup))
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--samplers", default="random,tpe,gp")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--n-train", type=int, default=10000)
+    parser.add_argument("--startup", type=int, default=None,
+                        help="n_startup_trials of the model-based samplers")
     args = parser.parse_args()
     samplers = args.samplers.split(",")
     if "gp" in samplers and importlib.util.find_spec("torch") is None:
@@ -82,13 +88,13 @@ def main() -> None:
              f"data.n_train={args.n_train}", "train.eval_train_rows=1000",
              "train.evals_per_cycle=1"]
     print(f"space: {SPACE}\nfixed: {fixed}\n{args.trials} trials, sampler seeds "
-          f"0..{args.seeds - 1}, samplers {samplers}")
+          f"0..{args.seeds - 1}, samplers {samplers}, start-up {args.startup or 'the rule'}")
     results: dict[str, list[list[float]]] = {s: [] for s in samplers}
     t0 = time.perf_counter()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for seed in range(args.seeds):
             for name in samplers:  # interleaved: seed by seed
-                scores = run(name, seed, args.trials, fixed)
+                scores = run(name, seed, args.trials, fixed, args.startup)
                 results[name].append(scores)
                 print(f"seed {seed} {name:>6}: best {max(scores):.4f}  "
                       f"({time.perf_counter() - t0:.0f} s)  "
