@@ -666,9 +666,9 @@ def test_a_trial_is_seeded_by_the_number_it_got_so_workers_asking_at_once_differ
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
         tmp_path, tiny_cifar, tracking_uri, start_worker, storage):
-    # trials of a few seconds: a worker starting seconds after the other (a loaded
-    # machine) still finds work, now that workers look again every 0.5 s
-    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=300",
+    # trials of ~5 s on an idle machine (n_s=300 took 1 s, and a worker starting 2.6 s
+    # after the other found stage 0 done): the later worker still finds work
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=1500",
                            "hydra.sweeper.stages=[{n_trials: 3}, {n_trials: 2}]",
                            storage=storage)
     workers = [start_worker(overrides, f"worker{i}") for i in range(2)]
@@ -694,7 +694,8 @@ def test_two_workers_sharing_a_storage_split_the_budget_and_lose_no_run(
 
 def test_two_workers_choosing_in_the_last_stage_agree_on_one_winner_and_retrain_it_once(
         tmp_path, tiny_cifar, tracking_uri, start_worker):
-    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=30",
+    # trials of ~2 s: a worker starting seconds after the other still finds work
+    overrides = _overrides(tmp_path, tiny_cifar, tracking_uri, "schedule.n_s=600",
                            "hydra.sweeper.stages=[{n_trials: 3}]",
                            "hydra.sweeper.final.top_m=2", "hydra.sweeper.final.seeds=2",
                            "hydra.sweeper.final.choose_in=last_stage")
