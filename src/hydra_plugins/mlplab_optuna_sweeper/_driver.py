@@ -140,7 +140,8 @@ def check(s: DictConfig) -> None:
     require(len(names) == len(directions),
             f"objectives={names}: one per direction ({len(directions)}: {directions})")
     # the jobs report their validation accuracy to the pruner, whatever is optimised
-    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1,  # (that: below)
+    # (several objectives: refused below, with Optuna's reason)
+    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1,
             f"pruner={s.pruner!r} with objectives={names}: a trial reports its val_acc "
             "to the pruner, so a pruner needs objectives [val_acc]; allowed none")
     require(s.final is None or s.final.front_tolerance >= 0,
@@ -225,7 +226,7 @@ def warm_points(params: list[Param], entries: list[dict], storage, n_trials: int
     studies named, those that lie in this space (others are said and skipped)."""
     points = []
     for entry in entries:
-        if set(entry) != set(FROM_STUDY) or "study" not in entry:
+        if set(entry) != set(FROM_STUDY):  # a point (warm_entries made study entries so)
             points.append(entry)
             continue
         other = storage if entry["storage"] is None else _studies.open_storage(entry["storage"])
