@@ -651,15 +651,19 @@ class Sweep:
             """Two workers may pick the same free slot at once: the lower trial number
             runs it, as the budget rule does for sampled stages."""
             latest = max(t.number for t in asked)
-            for _ in range(50):  # another worker's trial gets its params just after ask
+            keys = set(asked[0].params)  # every slot sets these (lam, train.seed, ...)
+            # another worker's trial gets its params one by one just after its ask: a
+            # slot is known once all of them are in
+            for _ in range(50):
                 trials = ctx.ledger.trials()
-                if all(t.params for t in trials
+                if all(set(t.params) >= keys for t in trials
                        if t.state == TrialState.RUNNING and t.number < latest):
                     break
                 time.sleep(0.1)
             holder = {}
             for t in sorted(trials, key=lambda t: t.number):
-                if t.state in (TrialState.COMPLETE, TrialState.RUNNING) and t.params:
+                if t.state in (TrialState.COMPLETE, TrialState.RUNNING) \
+                        and set(t.params) >= keys:
                     holder.setdefault(_slot_key(t.params), t.number)
             return [t for t in asked if holder.get(_slot_key(t.params)) == t.number]
 
