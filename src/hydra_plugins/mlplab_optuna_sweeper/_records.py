@@ -367,10 +367,15 @@ def first_value(t: FrozenTrial) -> float | None:
     return t.values[0] if t.values else None
 
 
+def _signs(directions: list[str]) -> list[int]:
+    """+1 per objective to maximise, -1 per one to minimise: larger signed is better."""
+    return [1 if d == "maximize" else -1 for d in directions]
+
+
 def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
     """The complete trials no other complete trial beats in every objective (at least
     as good in all, better in one), sorted by the first objective, best first."""
-    signs = [1 if d == "maximize" else -1 for d in directions]
+    signs = _signs(directions)
     scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)])
               for t in trials if t.state == TrialState.COMPLETE]
 
@@ -388,7 +393,7 @@ def front_pick(front: list[FrozenTrial], directions: list[str],
     first objective, the best in the second (then the third, ...)."""
     if not front:
         return None
-    signs = [1 if d == "maximize" else -1 for d in directions]
+    signs = _signs(directions)
     best = front[0].values[0]
     # (a hair of slack: 0.55 - 0.54 is 0.0100000001 in floats, and within 0.01)
     near = [t for t in front if signs[0] * (best - t.values[0]) <= tolerance + 1e-12]
