@@ -346,8 +346,11 @@ def _search_through_an_outage(pg, tmp_path, tiny_cifar, cli_env, start_worker):
     search = [*tiny_search(tiny_cifar, tmp_path / "data", study), "schedule.n_s=300",
               f"hydra.sweeper.storage={pg.url('optuna')}", f"tracking.uri={tracking}"]
     env = {**cli_env, "PGPASSWORD": pg.password}
-    workers = [start_worker(search, f"worker{i}", env) for i in (1, 2)]
+    # the store made before the workers start: this test's own reads, outside the
+    # workers' lock, would otherwise race their creation of its tables
     client = MlflowClient(tracking)
+    client.search_experiments()
+    workers = [start_worker(search, f"worker{i}", env) for i in (1, 2)]
     _wait_for_running_trial_run(client, *workers[0])
     pg.stop()
     time.sleep(outage)
