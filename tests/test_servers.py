@@ -121,38 +121,56 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextmanager
-def mlflow_server(pg: Postgres, folder: Path) -> Iterator[str]:
-    """`mlflow server` on PostgreSQL (password from PGPASSWORD), serving the artifacts
-    it keeps in folder/artifacts: workers reach them over HTTP only. Yields its URL."""
-    port, log_path = free_port(), folder / "mlflow-server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg.url("mlflow"),
-             "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=folder, env={**os.environ, "PGPASSWORD": pg.password},
-            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """`mlflow server` on `backend` (default: SQLite in `folder`), serving the artifacts
+    it keeps in folder/artifacts (workers reach them over HTTP only), on one port
+    across stops and starts, as a restart of it does."""
+
+    def __init__(self, folder: Path, backend: str | None = None, env: dict | None = None):
+        self.folder, self.port = folder, free_port()
+        self.backend = backend or f"sqlite:///{folder / 'server.db'}"
+        self.env, self.url, self.proc = env, f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        log_path = self.folder / "mlflow-server.log"
+        with open(log_path, "a") as log:  # the server keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                 self.backend, "--serve-artifacts", "--artifacts-destination",
+                 str(self.folder / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_SECONDS
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
+                urllib.request.urlopen(f"{self.url}/health", timeout=5)
+                return
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise Unavailable("mlflow server did not start: "
                                       + log_path.read_text()[-1500:]) from None
                 time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def mlflow_server(pg: Postgres, folder: Path) -> Iterator[str]:
+    """`mlflow server` on PostgreSQL (password from PGPASSWORD). Yields its URL."""
+    server = MlflowServer(folder, pg.url("mlflow"), {**os.environ, "PGPASSWORD": pg.password})
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -67,11 +67,12 @@ def test_git_commit_is_none_outside_a_checkout(tmp_path):
 @pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
                                            (ZeroDivisionError, "FAILED")])
 def test_the_run_context_closes_the_run_with_its_outcome_keeping_metrics(
-        tracking_uri, error, status):
+        tracking_uri, tmp_path, error, status):
     from mlflow import MlflowClient
 
     with contextlib.suppress(KeyboardInterrupt, ZeroDivisionError), \
-            tracking.run(uri=tracking_uri, experiment="outcomes") as run:
+            tracking.run(uri=tracking_uri, experiment="outcomes", spool_root=tmp_path,
+                         wait_seconds=60) as run:
         run.log_metrics({"train_loss": 2.5}, step=0)
         run.log_metrics({"train_loss": 1.5}, step=10)
         if error:
@@ -84,9 +85,10 @@ def test_the_run_context_closes_the_run_with_its_outcome_keeping_metrics(
         assert record.data.tags["failure"] == "ZeroDivisionError: stopped here"
     else:
         assert "failure" not in record.data.tags
+    assert run.pending == 0 and not run.spool.folder.exists(), "delivered: no spool left"
 
 
-def test_an_unusable_store_is_a_tracking_error_naming_it():
+def test_an_unusable_store_is_a_tracking_error_naming_it(tmp_path):
     with pytest.raises(tracking.TrackingError, match="nosuchscheme://store"), \
-            tracking.run(uri="nosuchscheme://store", experiment="x"):
+            tracking.run(uri="nosuchscheme://store", experiment="x", spool_root=tmp_path):
         pass

@@ -138,6 +138,12 @@ class TrackingConfig:
     log_model: bool = True
     log_plots: bool = True  # curves.png (and a 1-layer net's class templates)
     parent_run_id: str | None = None
+    # set by the sweeper: its parent run by spool id (mlplab.spool), this run's own id
+    parent_spool_id: str | None = None
+    spool_id: str | None = None
+    # how long a run that has ended waits for an unreachable store before it exits
+    # with its record kept on disk (exit status 75; `mlplab-sync` delivers it)
+    wait_seconds: float = 120.0
 
 
 @dataclass

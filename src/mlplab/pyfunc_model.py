@@ -13,13 +13,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from mlplab import network
 from mlplab.data import images_to_rows
 
 WEIGHTS = "weights"
+NAME = "model"  # the logged model's name in its run
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -34,17 +35,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return network.predict_scores(self.net, rows).argmax(axis=1).astype(np.int64)
 
 
-def log_model(weights: Path, example_images: np.ndarray, name: str = "model"):
+def log_model(weights: Path, example_images: np.ndarray, run_id: str, model_id: str):
     """Log the network saved at `weights` (`network.save` with the input `mean` and
-    `std`) with a signature and input example; returns MLflow's ModelInfo."""
+    `std`) with a signature and input example, as the logged model `model_id` of run
+    `run_id`; returns MLflow's ModelInfo."""
     shape = (-1, *example_images.shape[1:])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
     )
     with _quiet_mlflow():
-        return mlflow.pyfunc.log_model(
-            name=name,
+        # Model.log is mlflow.pyfunc.log_model for a run given by id, not the active one
+        return Model.log(
+            artifact_path=None, name=NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id,
             python_model=ImageClassifier(),
             artifacts={WEIGHTS: str(weights)},
             signature=signature,

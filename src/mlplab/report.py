@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlplab import plots
+from mlplab.passwords import mask_password
 
 SETTING_TAG = "setting"
 REFERENCE_TAG = "reference_test_acc"
@@ -47,6 +48,7 @@ HISTORY_KEYS = tuple(f"{split}_{key}" for split in ("train", "val")
                      for key in ("loss", "cost", "acc"))
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.md"
+REPORT_WAIT_SECONDS = 120  # for the store to take the report's run
 OVERRIDES_TAG = "hydra_overrides"
 # Params that say how a run was seeded, shown, tracked or where its files live, not
 # what was trained: runs differing only in these are repeats of one configuration.
@@ -448,9 +450,14 @@ def log_report(uri: str, experiment: str, out) -> str:
     from mlplab import tracking
 
     out = Path(out)
-    with tracking.run(uri=uri, experiment=experiment, run_name="report",
-                      tags={KIND_TAG: "report"}) as run:
+    # the store answered the report's reads a moment ago: waiting for it is short
+    with tracking.run(uri=uri, experiment=experiment, run_name="report", spool_root=out,
+                      tags={KIND_TAG: "report"}, wait_seconds=REPORT_WAIT_SECONDS) as run:
         run.log_artifact(out / REPORT_FILE)
         for png in sorted((out / FIGURES_DIR).glob("*.png")):
             run.log_artifact(png, FIGURES_DIR)
-        return run.run_id
+    if run.pending:
+        raise tracking.TrackingError(
+            f"the report run is not in {mask_password(uri)} yet: its {run.pending} "
+            f"records are kept in {out}; deliver them with: mlplab-sync {out}")
+    return run.run_id

@@ -2,9 +2,10 @@
 
 `run(...)` is the one way a command records a run: a context manager that opens it
 and closes it with the outcome, FINISHED, FAILED (tag `failure` says why) or KILLED
-(Ctrl-C). Metrics are sent with MLflow's own asynchronous logging, so
-training never waits for the store; they are flushed when the run ends. MLflow is imported
-here, lazily: a run that tracks nothing never imports it.
+(Ctrl-C). The record goes to a spool on local disk first and reaches the store in the
+background (spool.py), so training never waits for the store, nor loses its record
+while the store is away. MLflow is imported here, lazily: a run that tracks nothing
+never imports it.
 
 A fresh SQLite store is created by the first process under a file lock beside the
 database while the others wait: MLflow's table creation is not safe to run twice at
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +31,6 @@ from mlplab.passwords import mask_password, unmask
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 SQLITE = "sqlite:///"
-ASYNC_BUFFER_SECONDS = "5"  # MLflow's async logging writes what came in this long at once
 RETRIES = 8  # attempts for a write that meets a locked database
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 MAX_TAG_LENGTH = 5000
@@ -42,9 +43,10 @@ T = TypeVar("T")
 # MLflow draws a bar for every artifact it reads back (e.g. validating the model's
 # input example); noise in a training log. A user's own settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# Buffered, MLflow's async writer merges metrics into few writes, and closing a run
-# wakes it at once (unbuffered, it polls its queue and a run's end waits up to 1 s).
-os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", ASYNC_BUFFER_SECONDS)
+# MLflow's HTTP client retries a request 7 times over about two minutes. Every write
+# goes through spool.py's courier, which retries for as long as it takes: a quick
+# failure lets it say the store is away and a sweep's trial go on. A user's own wins.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 
 class TrackingError(RuntimeError):
@@ -109,7 +111,7 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(uri: str):
+def client(uri: str):
     """One MlflowClient per store and process: a sweep's next trial reuses it (making
     one costs ~50 ms)."""
     from mlflow import MlflowClient
@@ -125,24 +127,24 @@ def open_experiment(uri: str, name: str):
     each); `run` looks again if the store or the experiment was replaced since."""
 
     def get_or_create():  # a worker on another machine may create it meanwhile
-        exp = client.get_experiment_by_name(name)
+        exp = client_.get_experiment_by_name(name)
         if exp is None:
-            client.create_experiment(name, artifact_location=artifact_location(uri, name),
-                                     tags=dict([EXPERIMENT_KIND]))
-            exp = client.get_experiment_by_name(name)
+            client_.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                      tags=dict([EXPERIMENT_KIND]))
+            exp = client_.get_experiment_by_name(name)
         return exp
 
     try:
         with store_lock(uri):
-            client = _client(uri)
+            client_ = client(uri)
             exp = with_retries(get_or_create)  # the first call opens (and creates) the store
             exp_id = exp.experiment_id
             if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older mlplab
-                with_retries(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
+                with_retries(lambda: client_.set_experiment_tag(exp_id, *EXPERIMENT_KIND))
     except Exception as err:
         raise TrackingError(f"cannot open the MLflow store {mask_password(uri)}: "
                             f"{mask_password(str(err).splitlines()[0])}") from err
-    return client, exp_id
+    return client_, exp_id
 
 
 def runs_page(uri: str, experiment_id: str) -> str:
@@ -193,80 +195,53 @@ def failure_of(err: BaseException) -> str:
 
 
 class Run:
-    """One open MLflow run. `seconds` adds up the wall time its calls cost the caller
-    (store opening and MLflow's import included), reported against the run's total."""
+    """One run's record, written to its spool (see spool.py) and delivered to the store
+    in the background. `seconds` adds up the wall time its calls cost the caller;
+    `run_id` is known once the store has the run, `pending` counts the operations it
+    still lacked when the run ended."""
 
-    def __init__(self, client, run_id: str, experiment_id: str, seconds: float = 0.0):
-        self.client, self.run_id, self.seconds = client, run_id, seconds
-        self.experiment_id = experiment_id
-        self._sent = []  # (metrics, MLflow's handle on their background write)
+    def __init__(self, spool, seconds: float = 0.0):
+        self.spool, self.seconds = spool, seconds
+        self.pending = 0
+
+    @property
+    def run_id(self) -> str | None:
+        return self.spool.run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self.spool.experiment_id
 
     @contextlib.contextmanager
-    def _timed(self, what: str) -> Iterator[None]:
+    def _timed(self) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
-        except TrackingError:
-            raise
-        except Exception as err:
-            first = str(err).splitlines()[0] if str(err) else repr(err)
-            raise TrackingError(f"{what} for run {self.run_id}: {mask_password(first)}") \
-                from err
         finally:
             self.seconds += time.perf_counter() - t0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue for MLflow's background writer, which merges what arrives within
-        ASYNC_BUFFER_SECONDS into one write."""
-        from mlflow.entities import Metric
-
-        with self._timed("logging metrics"):
-            now = int(time.time() * 1000)
-            items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            self._sent.append((items, self.client.log_batch(self.run_id, metrics=items,
-                                                            synchronous=False)))
-
-    def flush(self) -> None:
-        """Block until MLflow has written every metric queued so far."""
-        import mlflow
-
-        with self._timed("writing metrics"):
-            mlflow.flush_async_logging()  # wakes the writer instead of waiting its buffer
-            sent, self._sent = self._sent, []
-            for items, operation in sent:
-                try:
-                    operation.wait()
-                except Exception:  # e.g. a locked database: once more, in the open
-                    with_retries(lambda i=items: self.client.log_batch(self.run_id,
-                                                                        metrics=i))
+        with self._timed():
+            self.spool.metrics(metrics, step)
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        with self._timed("logging params"):
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # log_batch takes 100 params per call
-                with_retries(lambda c=items[i:i + 100]:
-                             self.client.log_batch(self.run_id, params=c))
+        with self._timed():
+            self.spool.params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, str | None]) -> None:
-        from mlflow.entities import RunTag
-
-        with self._timed("setting tags"):
-            items = [RunTag(k, mask_password(str(v))[:MAX_TAG_LENGTH])
-                     for k, v in tags.items() if v is not None]
-            with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
+        with self._timed():
+            self.spool.tags({k: mask_password(str(v))[:MAX_TAG_LENGTH]
+                             for k, v in tags.items() if v is not None})
 
     def log_datasets(self, ds) -> None:
         """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
-        inputs, in one write; the data fingerprint is the digest, so nothing is
-        hashed again."""
+        inputs; the data fingerprint is the digest, so nothing is hashed again."""
         import mlflow
         import numpy as np
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-        with self._timed("logging datasets"):
+        with self._timed():
             # An explicit source: MLflow's guess for a local path is ambiguous and warns.
             if ds.source.startswith(("http://", "https://")):
                 source = HTTPDatasetSource(ds.source)
@@ -274,79 +249,78 @@ class Run:
                 source = CodeDatasetSource(tags={"uri": ds.source})
             # MLflow reads only shapes and dtypes when the digest is given.
             like = lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape)  # noqa: E731
-            splits = {"train": "training", "val": "validation", "test": "test"}
-            datasets = [mlflow.data.from_numpy(
-                like(getattr(ds, f"X_{split}")), targets=like(getattr(ds, f"y_{split}")),
-                source=source, name=f"{ds.name}-{split}",
-                digest=f"{ds.fingerprint}-{split}") for split in splits]
-            with_retries(lambda: mlflow.log_inputs(datasets=datasets,
-                                                   contexts=list(splits.values()),
-                                                   tags_list=[None] * len(datasets)))
+            contexts = {"train": "training", "val": "validation", "test": "test"}
+            inputs = []
+            for split, context in contexts.items():
+                entity = mlflow.data.from_numpy(
+                    like(getattr(ds, f"X_{split}")), targets=like(getattr(ds, f"y_{split}")),
+                    source=source, name=f"{ds.name}-{split}",
+                    digest=f"{ds.fingerprint}-{split}")._to_mlflow_entity()
+                inputs.append({"dataset": {k: getattr(entity, k) for k in (
+                    "name", "digest", "source_type", "source", "schema", "profile")},
+                    "tags": {"mlflow.data.context": context}})
+            self.spool.datasets(inputs)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        with self._timed(f"logging {Path(path).name}"):
-            self.client.log_artifact(self.run_id, str(path), folder)
+        with self._timed():
+            self.spool.artifact(path, folder)
 
-    def log_model(self, log: Callable[[], object]) -> None:
-        """Call `log()`, which logs a model to this run (MLflow's active run)."""
-        with self._timed("logging the model"):
-            log()
+    def log_model(self, weights: Path, examples: Path) -> None:
+        """The network saved at `weights` and its input example (.npy), as a pyfunc
+        model (pyfunc_model.log_model)."""
+        with self._timed():
+            self.spool.model(weights, examples)
 
     def end(self, status: str, failure: str | None = None) -> None:
-        """Write what is buffered and close the run with `status`."""
-        import mlflow
+        with self._timed():
+            if failure:
+                self.set_tags({"failure": failure})
+            self.spool.end(status)
 
-        with self._timed(f"closing the run {status}"):
-            try:
-                if failure:
-                    self.set_tags({"failure": failure})
-                self.flush()  # whatever was measured before a failure is kept
-            finally:
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    with_retries(lambda: mlflow.end_run(status=status))
-                else:
-                    with_retries(lambda: self.client.set_terminated(self.run_id, status))
+
+def check_store(uri: str, experiment: str) -> None:
+    """A clear error before anything runs for a URI MLflow cannot use. A local store is
+    opened (it cannot be away); a remote one is only named: it may be away for now."""
+    try:
+        if uri.startswith(SQLITE):
+            open_experiment(uri, experiment)
+        else:
+            client(uri)
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise TrackingError(f"cannot use the MLflow store {mask_password(uri)}: "
+                            f"{mask_password(str(err).strip().splitlines()[0])}") from err
 
 
 @contextlib.contextmanager
-def run(*, uri: str, experiment: str, run_name: str | None = None,
-        tags: dict[str, str | None] | None = None,
-        parent_run_id: str | None = None) -> Iterator[Run]:
-    """A run, MLflow's active one (its model and dataset logging attach to that), that
-    ends FINISHED, KILLED on Ctrl-C, or FAILED with a `failure` tag on any other
-    exception (raised on). TrackingError if the store cannot be used; a store that
-    fails while closing after an error is only reported: the first error is raised."""
+def run(*, uri: str, experiment: str, spool_root: Path, run_name: str | None = None,
+        tags: dict[str, str | None] | None = None, parent_run_id: str | None = None,
+        parent_spool_id: str | None = None, spool_id: str | None = None,
+        wait_seconds: float = 0.0, while_reachable: bool = False) -> Iterator[Run]:
+    """A run that ends FINISHED, KILLED on Ctrl-C, or FAILED with a `failure` tag on any
+    other exception (raised on). Its record is kept in a spool under `spool_root` and
+    delivered in the background; at its end it waits up to `wait_seconds` for the
+    store to have all of it (`while_reachable`: not while the store is away), and
+    `Run.pending` says what is still waiting. TrackingError if the URI is unusable."""
+    from mlplab import spool
+
     t0 = time.perf_counter()
-    client, exp_id = open_experiment(uri, experiment)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
+    check_store(uri, experiment)
     tags = source_tags() | {k: str(v) for k, v in (tags or {}).items() if v is not None}
-
-    def start():
-        return with_retries(lambda: mlflow.start_run(
-            experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent_run_id))
-
-    try:
-        try:
-            active = start()
-        except Exception:  # the store or the experiment may be new since: look again
-            open_experiment.cache_clear()
-            client, exp_id = open_experiment(uri, experiment)
-            active = start()
-    except Exception as err:
-        raise TrackingError(f"cannot start a run in {mask_password(uri)}: "
-                            f"{mask_password(str(err).splitlines()[0])}") from err
-    opened = Run(client, active.info.run_id, exp_id, time.perf_counter() - t0)
+    kept = spool.Spool(Path(spool_root) / spool.SPOOL_DIR, spool_id or f"run-{uuid.uuid4().hex}",
+                       uri, experiment, run_name=run_name, tags=tags,
+                       parent_run_id=parent_run_id, parent_spool_id=parent_spool_id)
+    spool.courier().add(kept)
+    opened = Run(kept, time.perf_counter() - t0)
     try:
         yield opened
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        try:
-            opened.end(status, None if status == "KILLED" else failure_of(err))
-        except TrackingError as end_err:
-            print(f"mlplab: run {opened.run_id} could not be closed {status}: {end_err}",
-                  file=sys.stderr)
+        opened.end(status, None if status == "KILLED" else failure_of(err))
+        opened.pending = spool.courier().wait([kept], wait_seconds, while_reachable)
         raise
     opened.end("FINISHED")
+    t1 = time.perf_counter()
+    opened.pending = spool.courier().wait([kept], wait_seconds, while_reachable)
+    opened.seconds += time.perf_counter() - t1

@@ -373,11 +373,12 @@ class Sweep:
              created) -> list[StageRecord]:
         s = self.s
         self.uri = tracking.resolve_uri(self.config.tracking.uri)
-        parent = ParentRun(self.uri, self.config.tracking.experiment)
+        parent = ParentRun(self.uri, self.config.tracking.experiment,
+                           Path(self.config.hydra.sweep.dir))
         parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url),
                       mark_running=not self.helper)
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
-                 _studies.describe_storage(storage_url), self.worker, parent.run_id,
+                 _studies.describe_storage(storage_url), self.worker, parent.spool_id,
                  mask_password(self.uri))
         parent.log_params({
             "direction": " ".join(self.directions), "objectives": " ".join(self.objectives),
@@ -418,7 +419,9 @@ class Sweep:
             status = "KILLED"
             raise
         finally:
-            if not self.helper:
+            if self.helper:
+                parent.detach()
+            else:
                 parent.set_status(status)
         return records
 
@@ -768,7 +771,8 @@ class Sweep:
                 *(p.override(trial.params[p.name]) for p in space),
                 # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
                 f"tracking.uri={Transformer.str(mask_password(self.uri))}",
-                f"tracking.parent_run_id={ctx.parent.run_id}",
+                f"tracking.parent_spool_id={ctx.parent.spool_id}",
+                f"tracking.spool_id={ctx.parent.child_spool_id(stage.label, trial.number)}",
                 "tracking.run_name="
                 + Transformer.str(run_name(stage.label, trial.number, trial.params)),
                 *report_to, f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]

@@ -1,10 +1,9 @@
 """The sweep in MLflow: one parent run, every trial a child run, a summary at the end.
 
-The parent is written with `MlflowClient` only, never the fluent API: trials may run
-in this same process (Hydra's basic launcher) and make their own run the active one.
-Its id is kept as a user attribute of the sweep's Optuna study, so a second worker
-or a re-run attaches to the same parent. Every write goes through `with_retries`
-because workers share one SQLite store.
+The parent is written through a spool (mlplab.spool), as every run is, so a sweep
+never waits on the store nor loses its record while the store is away. It is known
+by its spool id, a user attribute of the sweep's Optuna study, so a second worker or
+a re-run attaches to the same parent.
 
 Contract with `mlplab.report`: the parent has tags mlplab.sweep=true, mlplab.study
 and best.<param> (the sweep's answer), artifacts trials.csv (stage, number, state,
@@ -23,19 +22,20 @@ import math
 import statistics
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab import plots, tracking
+from mlplab import plots, spool, tracking
 from mlplab.passwords import mask_password
 
 from ._space import Param
 
 log = logging.getLogger(__name__)
 
-PARENT_ATTR = "mlflow_parent_run_id"
+PARENT_ATTR = "mlflow_parent_spool_id"  # the parent run by its spool id
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
 FINAL = "final"
 CHOOSE = "choose"  # the final step's comparison in the last stage's setting
@@ -125,119 +125,105 @@ def winner(compared: StageRecord, maximize: bool) -> dict:
 
 
 class ParentRun:
-    def __init__(self, uri: str, experiment: str):
-        self.uri = uri
-        self.client, self.experiment_id = tracking.open_experiment(uri, experiment)
-        self.run_id: str | None = None
+    """The sweep's parent run, written through a spool (mlplab.spool) like every run:
+    a sweep goes on while the MLflow store is away and the parent reaches the store
+    when it returns. It is known by its spool id, kept as a user attribute of the
+    sweep's Optuna study, so a second worker or a re-run attaches to the same parent;
+    trials name it as their parent by that id too."""
+
+    def __init__(self, uri: str, experiment: str, spool_root: Path):
+        self.uri, self.experiment, self.spool_root = uri, experiment, spool_root
+        self.spool: spool.Spool | None = None
+
+    @property
+    def spool_id(self) -> str:
+        return self.spool.spool_id
 
     def attach(self, sweep_study, created: bool, study_name: str, storage: str,
                mark_running: bool = True) -> str:
-        """The sweep's parent run: made by the worker that created the study, found
-        by the others (and by re-runs) through the study's user attribute. A worker
-        another one started leaves its status to that one (`mark_running=False`)."""
-        run_id = sweep_study.user_attrs.get(PARENT_ATTR)
+        """Made by the worker that created the study, found by the others (and by
+        re-runs) through the study's user attribute. A helper another worker started
+        leaves the run's status to that one (`mark_running=False`) and never creates
+        it (two could, while the store is away)."""
+        spool_id = sweep_study.user_attrs.get(PARENT_ATTR)
         deadline = time.monotonic() + (0 if created else PARENT_WAIT_SECONDS)
-        while run_id is None and time.monotonic() < deadline:
+        while spool_id is None and time.monotonic() < deadline:
             time.sleep(0.5)
-            run_id = sweep_study.user_attrs.get(PARENT_ATTR)  # read from the storage
-        if run_id is not None and not self._exists(run_id):
-            log.warning("parent run %s of study %s is gone from %s; starting a new one",
-                        run_id, study_name, mask_password(self.uri))
-            run_id = None
-        if run_id is None:
-            tags = {"mlplab.sweep": "true", "mlplab.study": study_name,
-                    "mlplab.storage": storage, **tracking.source_tags()}
-            run = tracking.with_retries(lambda: self.client.create_run(
-                self.experiment_id, run_name=study_name, tags=tags))
-            run_id = run.info.run_id
-            sweep_study.set_user_attr(PARENT_ATTR, run_id)
-        self.run_id = run_id
+            spool_id = sweep_study.user_attrs.get(PARENT_ATTR)  # read from the storage
+        if spool_id is None:
+            spool_id = f"sweep-{uuid.uuid4().hex}"
+            sweep_study.set_user_attr(PARENT_ATTR, spool_id)
+        tags = {"mlplab.sweep": "true", "mlplab.study": study_name,
+                "mlplab.storage": storage, **tracking.source_tags()}
+        self.spool = spool.Spool(self.spool_root / spool.SPOOL_DIR, spool_id, self.uri,
+                                 self.experiment, run_name=study_name, tags=tags,
+                                 create=mark_running)
+        spool.courier().add(self.spool)
         if mark_running:
-            self.set_status("RUNNING")
-        return run_id
+            self.spool.status("RUNNING")
+        return spool_id
 
-    def _exists(self, run_id: str) -> bool:
-        try:
-            tracking.with_retries(lambda: self.client.get_run(run_id))
-            return True
-        except Exception:  # MLflow raises its own "not found"
-            return False
+    def child_spool_id(self, stage: str, number: int) -> str:
+        """A trial's run by its place in the sweep: the job writes it, and the sweep
+        finds the same run to mark it failed."""
+        return f"{self.spool_id}.{stage}.{number}"
 
     def set_status(self, status: str) -> None:
         if status == "RUNNING":
-            tracking.with_retries(lambda: self.client.update_run(self.run_id, status=status))
+            self.spool.status(status)
         else:
-            tracking.with_retries(lambda: self.client.set_terminated(self.run_id, status))
+            self.spool.end(status)
+
+    def detach(self) -> None:
+        self.spool.detach()
 
     def log_params(self, params: dict) -> None:
         """Params are write-once in MLflow: a re-run with a changed setting keeps the
         first value (and says so) instead of failing the sweep."""
-        from mlflow.entities import Param as MlflowParam
-
-        for key, value in params.items():
-            item = [MlflowParam(key, str(value)[:tracking.MAX_PARAM_LENGTH])]
-            try:
-                tracking.with_retries(lambda i=item: self.client.log_batch(self.run_id,
-                                                                            params=i))
-            except Exception as err:
-                log.warning("parent run param %s=%s not logged: %s", key, value,
-                            str(err).splitlines()[0])
+        self.spool.params({k: mask_password(str(v))[:tracking.MAX_PARAM_LENGTH]
+                           for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(v)]
+        items = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
         if items:
-            tracking.with_retries(lambda: self.client.log_batch(self.run_id, metrics=items))
+            self.spool.metrics(items, step)
 
     # --- children -------------------------------------------------------------------
 
-    def children(self, stage: str, number: int | None = None) -> list:
-        query = f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.stage = '{stage}'"
-        if number is not None:
-            query += f" and tags.trial = '{number}'"
-        return tracking.with_retries(lambda: self.client.search_runs(
-            [self.experiment_id], filter_string=query, max_results=1000))
-
     def record_failure(self, stage: str, trial: FrozenTrial | object, params: dict,
                        failure: str) -> None:
-        """Make a failed trial visible in MLflow: a FAILED child run, created here
-        when the job failed before it could open its own (e.g. a bad config)."""
-        runs = self.children(stage, trial.number)
-        for run in runs:
-            if run.info.status == "RUNNING":
-                tracking.with_retries(lambda r=run: self.client.set_terminated(
-                    r.info.run_id, "FAILED"))
-        if runs:
-            return
-        tags = {"mlflow.parentRunId": self.run_id, "stage": stage,
-                "trial": str(trial.number), "failure": failure[:MAX_TAG_LENGTH]}
-        run = tracking.with_retries(lambda: self.client.create_run(
-            self.experiment_id, run_name=run_name(stage, trial.number, params), tags=tags))
-        self._child_params(run.info.run_id, params)
-        tracking.with_retries(lambda: self.client.set_terminated(run.info.run_id, "FAILED"))
-
-    def _child_params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param as MlflowParam
-
-        items = [MlflowParam(k, str(v)) for k, v in params.items()]
-        if items:
-            tracking.with_retries(lambda: self.client.log_batch(run_id, params=items))
+        """Make a failed trial visible in MLflow: its child run FAILED with a `failure`
+        tag, the job's own run if it opened one (the same spool id), else a new one."""
+        child = spool.Spool(
+            self.spool_root / spool.SPOOL_DIR, self.child_spool_id(stage, trial.number),
+            self.uri, self.experiment, run_name=run_name(stage, trial.number, params),
+            tags={"stage": stage, "trial": str(trial.number)},
+            parent_spool_id=self.spool_id)
+        spool.courier().add(child)
+        child.params({k: str(v) for k, v in params.items()})
+        child.tags({"failure": failure[:MAX_TAG_LENGTH]})
+        child.end("FAILED")
 
     def mark_ended(self, stage: str, numbers: list[int], status: str = "KILLED",
                    failure: str | None = None) -> None:
         """Child runs of interrupted trials still shown RUNNING end with `status`
-        (and a `failure` tag): their process is gone and cannot close them."""
-        for number in numbers:
-            for run in self.children(stage, number):
-                if run.info.status == "RUNNING":
-                    if failure:
-                        tracking.with_retries(lambda r=run: self.client.set_tag(
-                            r.info.run_id, "failure", failure))
-                    tracking.with_retries(lambda r=run: self.client.set_terminated(
-                        r.info.run_id, status))
+        (and a `failure` tag): their process is gone and cannot close them. Only
+        while the store answers (it shows them RUNNING until then)."""
+        client = tracking.client(self.uri)
+        try:
+            for number in numbers:
+                query = f"tags.`{spool.SPOOL_TAG}` = '{self.child_spool_id(stage, number)}'"
+                for run in tracking.with_retries(lambda q=query: client.search_runs(
+                        [self.spool.experiment_id], filter_string=q)):
+                    if run.info.status == "RUNNING":
+                        if failure:
+                            tracking.with_retries(lambda r=run: client.set_tag(
+                                r.info.run_id, "failure", failure))
+                        tracking.with_retries(lambda r=run: client.set_terminated(
+                            r.info.run_id, status))
+        except Exception as err:  # the store is away: the runs stay as they are shown
+            log.warning("trials %s of stage %s: their runs not marked %s (%s)", numbers,
+                        stage, status, mask_password(str(err).splitlines()[0]))
 
     # --- summary ----------------------------------------------------------------------
 
@@ -352,14 +338,10 @@ class ParentRun:
         return chosen
 
     def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
-        if items:
-            tracking.with_retries(lambda: self.client.log_batch(self.run_id, tags=items))
+        self.spool.tags({k: mask_password(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items()})
 
     def _artifact(self, path: Path) -> None:
-        tracking.with_retries(lambda: self.client.log_artifact(self.run_id, str(path)))
+        self.spool.artifact(path)
 
 
 def first_value(t: FrozenTrial) -> float | None:

@@ -39,7 +39,8 @@ class MlplabOptunaSweeper(Sweeper):
         """Run the search. Like a single run, a bad config value or unusable data
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
-        from mlplab.commands.common import exit_with
+        from mlplab import tracking
+        from mlplab.commands.common import PENDING_EXIT, exit_with, pending_line
         from mlplab.config import ConfigError
         from mlplab.data import DataError
 
@@ -50,12 +51,27 @@ class MlplabOptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         try:
-            return Sweep(self.settings, self.config, self.launcher,
-                         self._compose).run(list(arguments))
+            records = Sweep(self.settings, self.config, self.launcher,
+                            self._compose).run(list(arguments))
         except (ConfigError, DataError) as err:
+            self._deliver()
             exit_with(f"error: {err}", 2)
         except SweepFailed as err:
+            self._deliver()
             exit_with(f"sweep FAILED: {err}", 1)
+        pending = self._deliver()
+        if pending:
+            exit_with(pending_line(pending, sweep_dir, tracking.resolve_uri(
+                self.config.tracking.uri)), PENDING_EXIT)
+        return records
+
+    def _deliver(self) -> int:
+        """Wait up to tracking.wait_seconds for the store to have every run this
+        process wrote (the trials' and the parent's); the records still waiting."""
+        from mlplab import spool
+
+        seconds = OmegaConf.select(self.config, "tracking.wait_seconds", default=0)
+        return spool.courier().wait_all(seconds)
 
     def _compose(self, overrides: list[str]) -> DictConfig:
         """The config of the job these overrides launch, as the launcher composes it."""

@@ -13,9 +13,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mlplab import config, passwords
+from mlplab import config, passwords, tracking
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # ships inside the package
+PENDING_EXIT = 75  # EX_TEMPFAIL: the work is done, its record waits for the store
 config.register()  # the schemas conf/ builds on, before any command composes it
 
 
@@ -32,6 +33,37 @@ def hydra_overrides() -> str | None:
         return " ".join(HydraConfig.get().overrides.task)
     except ValueError:  # composed without the command line (tests, notebooks)
         return None
+
+
+def spool_root(uri: str) -> Path:
+    """Where a run keeps its record until the store has it: Hydra's output folder of
+    the run or job; without Hydra beside a local store, else the current folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        local = uri.startswith(tracking.SQLITE)
+        return Path(uri[len(tracking.SQLITE):]).resolve().parent if local else Path.cwd()
+
+
+def tracked_run(cfg: DictConfig, run_name: str, tags: dict | None = None):
+    """tracking.run for this command's config: its record spooled in the output folder;
+    at its end a single run waits up to tracking.wait_seconds for the store, a
+    sweep's job only while the store answers (the sweep waits at its end)."""
+    t = cfg.tracking
+    uri = tracking.resolve_uri(t.uri)
+    return tracking.run(
+        uri=uri, experiment=t.experiment, spool_root=spool_root(uri),
+        run_name=run_name, tags=tags, parent_run_id=t.parent_run_id,
+        parent_spool_id=t.parent_spool_id, spool_id=t.spool_id,
+        wait_seconds=t.wait_seconds, while_reachable=in_multirun())
+
+
+def pending_line(pending: int, folder: Path, uri: str) -> str:
+    """The one line a command ends with when the store is still away."""
+    return (f"the MLflow store {passwords.mask_password(uri)} is unreachable: {pending} "
+            f"records are kept in {folder}; deliver them with: mlplab-sync {folder}")
 
 
 def in_multirun() -> bool:

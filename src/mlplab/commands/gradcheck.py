@@ -31,7 +31,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import config, experiment, gradcheck, network, passwords, tracking
-from mlplab.commands.common import CONF_DIR, exit_with, in_multirun, run_tags
+from mlplab.commands.common import (
+    CONF_DIR,
+    exit_with,
+    in_multirun,
+    pending_line,
+    run_tags,
+    tracked_run,
+)
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 from mlplab.experiment import build_dataset
@@ -150,11 +157,9 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
     seconds = time.perf_counter() - t_start
     ok = gradcheck.passed(rows)
 
-    t_cfg = cfg.tracking
-    uri = tracking.resolve_uri(t_cfg.uri)
-    with tracking.run(uri=uri, experiment=t_cfg.experiment,
-                      run_name=t_cfg.run_name or f"gradcheck {summary}",
-                      tags={"mlplab.kind": KIND}) as run:
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    with tracked_run(cfg, cfg.tracking.run_name or f"gradcheck {summary}",
+                     {"mlplab.kind": KIND}) as run:
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         run.set_tags(run_tags(cfg, summary, fingerprint)
                      | {"gradcheck.result": "passed" if ok else "failed"})
@@ -172,7 +177,10 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
             path = Path(tmp) / TABLE_FILE
             path.write_text(format_result(rows, summary, cfg) + "\n")
             run.log_artifact(path)
-        return GradcheckOutcome(rows, summary, run.run_id, uri, seconds)
+    if run.pending:
+        print("mlplab: " + pending_line(run.pending, run.spool.folder.parent, uri),
+              file=sys.stderr)
+    return GradcheckOutcome(rows, summary, run.run_id, uri, seconds)
 
 
 def format_result(rows: list[gradcheck.Row], summary: str, cfg: DictConfig) -> str:

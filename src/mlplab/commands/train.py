@@ -23,10 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from mlplab import data, experiment, network, passwords, threads, tracking, trainer
 from mlplab.commands.common import (
     CONF_DIR,
+    PENDING_EXIT,
     exit_with,
     in_multirun,
+    pending_line,
     run_tags,
     terminate_as_interrupt,
+    tracked_run,
 )
 from mlplab.config import ConfigError
 from mlplab.data import DataError, Dataset
@@ -46,6 +49,8 @@ class Outcome:
     runs_page: str | None = None  # the experiment's runs in the MLflow UI
     pruned_at: int | None = None  # the update step its sweep's pruner stopped it at
     failure: str | None = None  # a multirun job's diverged training (see main)
+    pending: int = 0  # records the store did not have when the run ended
+    spool: str | None = None  # where they are kept (mlplab-sync delivers them)
 
     @property
     def val_acc(self) -> float:
@@ -72,9 +77,8 @@ def run_experiment(cfg: DictConfig) -> Outcome:
 
     uri = tracking.resolve_uri(t_cfg.uri)
     # the config's tags from the start: a sweep finds a killed trial's run by them
-    with tracking.run(uri=uri, experiment=t_cfg.experiment,
-                      run_name=t_cfg.run_name or experiment.run_name(cfg, net),
-                      tags=dict(cfg.tags), parent_run_id=t_cfg.parent_run_id) as run:
+    with tracked_run(cfg, t_cfg.run_name or experiment.run_name(cfg, net),
+                     dict(cfg.tags)) as run:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run.log_params(tracking.flatten(resolved))
         run.set_tags(run_tags(cfg, summary, ds.fingerprint))
@@ -102,8 +106,9 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     seconds["tracking"] = run.seconds  # closing the run is on the clock too
     seconds["wall"] = time.perf_counter() - t_start
     return Outcome(final, run.run_id, uri, seconds,
-                   tracking.runs_page(uri, run.experiment_id),
-                   pruned_at=result.steps if result.stopped else None)
+                   tracking.runs_page(uri, run.experiment_id) if run.experiment_id else None,
+                   pruned_at=result.steps if result.stopped else None,
+                   pending=run.pending, spool=str(run.spool.folder) if run.pending else None)
 
 
 def prepare(cfg: DictConfig):
@@ -161,12 +166,11 @@ def _log_outputs(run, resolved: dict, net: network.Network, ds: Dataset,
         for path in artifacts:
             run.log_artifact(path)
         if log_model:
-            from mlplab import pyfunc_model
-
-            weights = folder / "network.npz"
+            weights, examples = folder / "network.npz", folder / "input_example.npy"
             network.save(net, weights, mean=ds.mean, std=ds.std)
-            examples = data.rows_to_images(_raw_examples(ds, EXAMPLE_ROWS), ds.image_shape)
-            run.log_model(lambda: pyfunc_model.log_model(weights, examples))
+            np.save(examples, data.rows_to_images(_raw_examples(ds, EXAMPLE_ROWS),
+                                                  ds.image_shape))
+            run.log_model(weights, examples)
 
 
 def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
@@ -190,11 +194,14 @@ def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     )
     if outcome.pruned_at is not None:
         print(f"  pruned    at update step {outcome.pruned_at}: its sweep stopped it early")
+    if outcome.pending:
+        print(f"  pending   {outcome.pending} records wait for the store in {outcome.spool}")
     if outcome.run_id:
         if not outcome.tracking_uri.startswith(("http://", "https://")):
             print("  browse    mlflow ui --backend-store-uri "
                   + passwords.mask_password(outcome.tracking_uri))
-        print(f"  runs      {passwords.mask_password(outcome.runs_page)}")
+        if outcome.runs_page:
+            print(f"  runs      {passwords.mask_password(outcome.runs_page)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -220,6 +227,9 @@ def main(cfg: DictConfig) -> Outcome:
             raise
         exit_with(f"tracking failed: {err}", 1)
     print_summary(outcome, cfg)
+    if outcome.pending and not multirun:  # a sweep says so once, at its end
+        exit_with(pending_line(outcome.pending, Path(outcome.spool).parent.parent,
+                               outcome.tracking_uri), PENDING_EXIT)
     return outcome
 
 
