@@ -16,6 +16,7 @@ from mlplab.experiment import build_dataset
 @pytest.mark.parametrize("override, message", [
     ("lam=-0.1", "lam=-0.1"),
     ("train.batch_size=-5", "train.batch_size=-5"),
+    ("tracking.wait_seconds=-1", "tracking.wait_seconds=-1.0: must be finite and >= 0"),
     ("train.batch_size=0", "train.batch_size=0"),
     ("schedule.eta_min=0.5", "schedule.eta_min=0.5: must be <= eta_max"),
     ("data.n_val=0", "data.n_val=0"),

@@ -35,6 +35,8 @@ def validate(cfg: DictConfig) -> None:
                               eval_train_rows=t.eval_train_rows, threads=t.threads)
         checks.positive_int("batch_size", t.batch_size)
         checks.non_negative_int("seed", t.seed)
+    with keyed("tracking."):  # 0: do not wait for an unreachable store at a run's end
+        checks.non_negative("wait_seconds", cfg.tracking.wait_seconds)
     build_schedule(cfg, n_train=t.batch_size)  # one step an epoch: the data's size aside
     build_optimizer(cfg)
     build_augment(cfg, augment.CIFAR_IMAGE_SHAPE)
