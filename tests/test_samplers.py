@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _samplers
 from hydra_plugins.mlplab_optuna_sweeper._studies import SeededPerTrial, trial_seed
+from mlplab import optuna_storage
 from mlplab.config import ConfigError
 
 TPE = "optuna.samplers.TPESampler"
@@ -191,9 +192,7 @@ def test_a_storage_call_waits_out_a_lost_connection_and_marks_when_the_database_
         monkeypatch):
     import sqlalchemy.exc
 
-    from hydra_plugins.mlplab_optuna_sweeper import _studies
-
-    monkeypatch.setattr(_studies.time, "sleep", lambda s: None)
+    monkeypatch.setattr(optuna_storage.time, "sleep", lambda s: None)
     calls = []
 
     def flaky():  # as Optuna's RDBStorage raises it: the driver's error as the cause
@@ -204,14 +203,14 @@ def test_a_storage_call_waits_out_a_lost_connection_and_marks_when_the_database_
         return "done"
 
     before = time.time()
-    assert _studies.Patient.call(flaky, 60, 2, "get_all_trials") == "done"
-    assert len(calls) == 3 and _studies.Patient.recovered_at >= before
+    assert optuna_storage.Patient.call(flaky, 60, 2, "get_all_trials") == "done"
+    assert len(calls) == 3 and optuna_storage.Patient.recovered_at >= before
 
     def bad_query():
         raise optuna.exceptions.StorageInternalError("too long")  # no lost connection
 
     with pytest.raises(optuna.exceptions.StorageInternalError):
-        _studies.Patient.call(bad_query, 60, 2, "set_trial_param")
+        optuna_storage.Patient.call(bad_query, 60, 2, "set_trial_param")
 
 
 def test_after_an_outage_a_silent_trial_gets_a_full_stale_window_from_the_databases_return(
@@ -222,7 +221,7 @@ def test_after_an_outage_a_silent_trial_gets_a_full_stale_window_from_the_databa
     trial = study.ask()
     trial.set_user_attr(_studies.HEARTBEAT, time.time() - 100)  # silent through an outage
     ledger = _studies.Ledger(study, stale_seconds=60)
-    monkeypatch.setattr(_studies.Patient, "recovered_at", time.time() - 10)
+    monkeypatch.setattr(optuna_storage.Patient, "recovered_at", time.time() - 10)
     assert [t.state for t in ledger.trials()] == [TrialState.RUNNING], "not stale yet"
-    monkeypatch.setattr(_studies.Patient, "recovered_at", time.time() - 61)
+    monkeypatch.setattr(optuna_storage.Patient, "recovered_at", time.time() - 61)
     assert [t.state for t in ledger.trials()] == [TrialState.FAIL], "stale now"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,24 @@ def test_an_unusable_store_is_a_tracking_error_naming_it(tmp_path):
     with pytest.raises(tracking.TrackingError, match="nosuchscheme://store"), \
             tracking.run(uri="nosuchscheme://store", experiment="x", spool_root=tmp_path):
         pass
+
+
+def test_a_tracked_run_works_where_fcntl_does_not_exist(tmp_path):
+    """Windows has no fcntl: the store's lock and the run's spool use filelock's own."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "\n".join([
+        "import sys, warnings",
+        "sys.modules['fcntl'] = None  # `import fcntl` now raises ImportError",
+        "warnings.simplefilter('ignore')  # filelock says it falls back to its own lock",
+        "from mlplab import tracking",
+        f"with tracking.run(uri={uri!r}, experiment='nofcntl', spool_root={str(tmp_path)!r},",
+        "                  wait_seconds=60) as run:",
+        "    run.log_metrics({'x': 1.0}, step=0)",
+        "assert run.pending == 0, run.pending",
+        "print(run.run_id)"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert MlflowClient(uri).get_run(done.stdout.strip()).info.status == "FINISHED"

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mlplab.checks import ArgumentError
 from mlplab.data import CIFAR10_MD5, CIFAR10_URL
+from mlplab.trial import TrialConfig
 
 
 class ConfigError(ValueError):
@@ -144,16 +145,6 @@ class TrackingConfig:
     # how long a run that has ended waits for an unreachable store before it exits
     # with its record kept on disk (exit status 75; `mlplab-sync` delivers it)
     wait_seconds: float = 120.0
-
-
-@dataclass
-class TrialConfig:
-    """Set by mlplab's sweeper on the jobs of a search that prunes: where the job
-    reports its validation accuracy (the Optuna storage, study and trial number)."""
-
-    storage: str | None = None
-    study: str | None = None
-    number: int | None = None
 
 
 @dataclass

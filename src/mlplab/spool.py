@@ -76,7 +76,8 @@ class Spool:
         self.run_id: str | None = None  # once the run is in the store
         self.experiment_id: str | None = None
         self.append({"op": "run", "spool_id": spool_id, "uri": mask_password(uri),
-                     "experiment": experiment, "run_name": run_name, "tags": tags or {},
+                     "experiment": experiment, "run_name": run_name,
+                     "tags": _texts(tags or {}, tracking.MAX_TAG_LENGTH),
                      "start_time": now_ms(), "parent_run_id": parent_run_id,
                      "parent_spool_id": parent_spool_id, "create": create})
 
@@ -87,11 +88,12 @@ class Spool:
         self._ops.flush()  # one write of a whole line: a reader never sees half of one
         courier().poke(urgent=op["op"] in ("end", "detach"))
 
-    def params(self, params: dict[str, str]) -> None:
-        self.append({"op": "params", "params": params})
+    def params(self, params: dict) -> None:
+        self.append({"op": "params", "params": _texts(params, tracking.MAX_PARAM_LENGTH)})
 
-    def tags(self, tags: dict[str, str]) -> None:
-        self.append({"op": "tags", "tags": tags})
+    def tags(self, tags: dict) -> None:
+        """Tags; a None value is left out."""
+        self.append({"op": "tags", "tags": _texts(tags, tracking.MAX_TAG_LENGTH)})
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         t = now_ms()
@@ -137,6 +139,12 @@ class Spool:
         (self.folder / name).parent.mkdir()
         shutil.copyfile(path, self.folder / name)
         return name
+
+
+def _texts(values: dict, limit: int) -> dict[str, str]:
+    """Values as MLflow keeps them: text within its length limit, passwords masked
+    (the one place a run's record is masked: see passwords.py)."""
+    return {k: mask_password(str(v))[:limit] for k, v in values.items() if v is not None}
 
 
 # --- delivery ---------------------------------------------------------------------------

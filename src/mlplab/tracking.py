@@ -98,16 +98,12 @@ def store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith(SQLITE):
         yield
         return
-    import fcntl
+    from filelock import FileLock  # flock on POSIX, its own lock on Windows
 
     path = Path(uri[len(SQLITE):]).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(f"{path}.lock"):
+        yield
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,7 +159,7 @@ def flatten(d, prefix="") -> dict[str, str]:
         if isinstance(value, dict):
             out |= flatten(value, f"{name}.")
         else:
-            out[name] = mask_password(str(value))[:MAX_PARAM_LENGTH]
+            out[name] = str(value)
     return out
 
 
@@ -226,12 +222,11 @@ class Run:
 
     def log_params(self, params: dict[str, str]) -> None:
         with self._timed():
-            self.spool.params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()})
+            self.spool.params(params)
 
     def set_tags(self, tags: dict[str, str | None]) -> None:
         with self._timed():
-            self.spool.tags({k: mask_password(str(v))[:MAX_TAG_LENGTH]
-                             for k, v in tags.items() if v is not None})
+            self.spool.tags(tags)
 
     def log_datasets(self, ds) -> None:
         """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
@@ -307,7 +302,7 @@ def run(*, uri: str, experiment: str, spool_root: Path, run_name: str | None = N
 
     t0 = time.perf_counter()
     check_store(uri, experiment)
-    tags = source_tags() | {k: str(v) for k, v in (tags or {}).items() if v is not None}
+    tags = source_tags() | (tags or {})
     kept = spool.Spool(Path(spool_root) / spool.SPOOL_DIR, spool_id or f"run-{uuid.uuid4().hex}",
                        uri, experiment, run_name=run_name, tags=tags,
                        parent_run_id=parent_run_id, parent_spool_id=parent_spool_id)

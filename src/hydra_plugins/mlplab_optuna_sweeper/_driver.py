@@ -51,12 +51,14 @@ from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from mlplab import threads, tracking
+from mlplab import optuna_storage, threads, tracking
 from mlplab.commands.common import terminate_as_interrupt
+from mlplab.config import Config as MlplabConfig
 from mlplab.config import ConfigError
 from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
+from mlplab.trial import PRUNER_ATTR, make_pruner, read_outcome
 
 from . import _parallel, _pruning, _samplers, _space, _studies
 from ._records import (
@@ -78,6 +80,7 @@ from ._studies import DROPPED, FAILURE, WORKER, Heartbeat, Ledger
 
 log = logging.getLogger(__name__)
 
+_ABSENT = object()  # a key the app's config does not have
 POLL_SECONDS = 0.5  # longest wait between looks at other workers' running trials
 DIRECTIONS = ("maximize", "minimize")
 CHOOSE_IN = ("final", "last_stage")  # where the final step compares its candidates
@@ -229,7 +232,8 @@ def warm_points(params: list[Param], entries: list[dict], storage, n_trials: int
         if set(entry) != set(FROM_STUDY):  # a point (warm_entries made study entries so)
             points.append(entry)
             continue
-        other = storage if entry["storage"] is None else _studies.open_storage(entry["storage"])
+        other = storage if entry["storage"] is None \
+            else optuna_storage.open_storage(entry["storage"])
         found = _studies.best_points(other, entry["study"], entry["top"])
         inside = [p for p in found if _space.inside(params, p)]
         log.info("warm start: %d of the %d best trials of study %s lie in this space",
@@ -306,6 +310,10 @@ class Sweep:
         self.maximize = self.directions[0] == "maximize"  # how the first objective ranks
         self.sampler = _samplers.spec(settings.sampler)
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
+        if self.pruner["name"] != "none" and OmegaConf.select(config, "trial") is None:
+            raise ConfigError(f"hydra.sweeper.pruner={settings.pruner!r}: the app's config "
+                              "has no `trial` section for its jobs to report to (see "
+                              "mlplab.trial); allowed 'none'", key="hydra.sweeper.pruner")
         self.worker = _studies.worker_id()
         self.helper = _parallel.is_helper()  # started by another worker of this sweep
         self.plan = _parallel.plan(threads.available_cores(), settings.workers,
@@ -342,8 +350,9 @@ class Sweep:
         with terminate_as_interrupt(), self._helpers(storage_url, name):
             self._check_config(stages, params, fixed)
             # a worker back from an outage beats before the others would call it stale
-            storage = _studies.open_storage(storage_url, s.storage_wait_seconds,
-                                            min(_studies.MAX_RETRY_DELAY, s.stale_seconds / 4))
+            storage = optuna_storage.open_storage(
+                storage_url, s.storage_wait_seconds,
+                min(optuna_storage.MAX_RETRY_DELAY, s.stale_seconds / 4))
             # enqueued when stage 0's study is made: a resume reads no other study again
             fresh = not _studies.exists(storage, f"{name}.{stages[0].study_suffix}")
             self.warm = warm_points(params, warm_given, storage, stages[0].n_trials) \
@@ -372,13 +381,15 @@ class Sweep:
     def _run(self, stages, params, fixed, storage, storage_url, name, sweep_study,
              created) -> list[StageRecord]:
         s = self.s
-        self.uri = tracking.resolve_uri(self.config.tracking.uri)
-        parent = ParentRun(self.uri, self.config.tracking.experiment,
-                           Path(self.config.hydra.sweep.dir))
-        parent.attach(sweep_study, created, name, _studies.describe_storage(storage_url),
+        # another app's sweep goes to an experiment named after it
+        self.uri = tracking.resolve_uri(OmegaConf.select(self.config, "tracking.uri"))
+        parent = ParentRun(self.uri, OmegaConf.select(
+            self.config, "tracking.experiment", default=self.config.hydra.job.name),
+            Path(self.config.hydra.sweep.dir))
+        parent.attach(sweep_study, created, name, optuna_storage.describe_storage(storage_url),
                       mark_running=not self.helper)
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,
-                 _studies.describe_storage(storage_url), self.worker, parent.spool_id,
+                 optuna_storage.describe_storage(storage_url), self.worker, parent.spool_id,
                  mask_password(self.uri))
         parent.log_params({
             "direction": " ".join(self.directions), "objectives": " ".join(self.objectives),
@@ -436,12 +447,15 @@ class Sweep:
         if self.s.storage is not None or (self.pruner["name"] == "none"
                                           and self.plan.workers == 1):
             return self.s.storage
-        return _studies.JOURNAL_PREFIX + str(Path(self.config.hydra.sweep.dir)
+        return optuna_storage.JOURNAL_PREFIX + str(Path(self.config.hydra.sweep.dir)
                                              / "optuna-journal.log")
 
     def _check_config(self, stages: list[Stage], params: list[Param], fixed) -> None:
         """Compose each stage's first job at a point of the space and validate it as a
-        single run would: a bad value stops the sweep before anything is recorded."""
+        single run would: a bad value stops the sweep before anything is recorded.
+        Only mlplab's own config: another app's jobs say what is wrong themselves."""
+        if OmegaConf.get_type(self.config) is not MlplabConfig:
+            return
         point = _space.sample(params)
         for stage in stages:
             job = self.compose([*fixed, *stage.overrides,
@@ -496,7 +510,7 @@ class Sweep:
         if diffs:
             raise ConfigError(
                 f"hydra.sweeper.study_name={name!r}: this study in "
-                f"{_studies.describe_storage(self.s.storage)} was started with another "
+                f"{optuna_storage.describe_storage(self.s.storage)} was started with another "
                 f"search ({'; '.join(diffs)}), and resuming would mix the two. Re-run with "
                 "its settings, or start a fresh search: hydra.sweeper.study_name=NEW_NAME")
         if stored != wanted:  # a grown budget: the next resume compares with it
@@ -516,8 +530,8 @@ class Sweep:
             _studies.SeededPerTrial(make, lambda n: self._seed(stage, n))
         prunes = not stage.retrains and self.pruner["name"] != "none"
         if prunes:  # for the jobs' pruner; Hyperband's brackets also steer the sampler
-            study.set_user_attr(_pruning.PRUNER_ATTR, self.pruner)
-            study.pruner = _pruning.make_pruner(self.pruner)
+            study.set_user_attr(PRUNER_ATTR, self.pruner)
+            study.pruner = make_pruner(self.pruner)
         ledger = Ledger(study, s.stale_seconds, on_stale=lambda trials: parent.mark_ended(
             stage.label, [t.number for t in trials], "FAILED", failure=WORKER_LOST))
         return StageRun(stage, study, ledger, fixed, parent, heartbeat,
@@ -762,20 +776,23 @@ class Sweep:
     def _overrides(self, ctx: StageRun, trial, space: list[Param]) -> list[str]:
         stage = ctx.stage
         report_to = [] if ctx.storage is None else [
-            f"trial.storage={Transformer.str(_studies.describe_storage(ctx.storage))}",
+            f"trial.storage={Transformer.str(optuna_storage.describe_storage(ctx.storage))}",
             f"trial.study={Transformer.str(ctx.study_name)}", f"trial.number={trial.number}"]
         # only where the app has the key (a foreign app's default 0: left alone)
         threads_ = _parallel.thread_override(self.plan, stage.n_trials, OmegaConf.select(
             self.config, "train.threads", default=0))
+        tracked = [  # where the app records runs as mlplab does
+            # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
+            f"tracking.uri={Transformer.str(mask_password(self.uri))}",
+            f"tracking.parent_spool_id={ctx.parent.spool_id}",
+            f"tracking.spool_id={ctx.parent.child_spool_id(stage.label, trial.number)}",
+            "tracking.run_name="
+            + Transformer.str(run_name(stage.label, trial.number, trial.params)),
+            f"++tags.stage={stage.label}", f"++tags.trial={trial.number}",
+        ] if OmegaConf.select(self.config, "tracking.spool_id", default=_ABSENT) \
+            is not _ABSENT else []
         return [*threads_, *ctx.fixed, *stage.overrides,
-                *(p.override(trial.params[p.name]) for p in space),
-                # masked: the job finds the real URI in $MLFLOW_TRACKING_URI (passwords.py)
-                f"tracking.uri={Transformer.str(mask_password(self.uri))}",
-                f"tracking.parent_spool_id={ctx.parent.spool_id}",
-                f"tracking.spool_id={ctx.parent.child_spool_id(stage.label, trial.number)}",
-                "tracking.run_name="
-                + Transformer.str(run_name(stage.label, trial.number, trial.params)),
-                *report_to, f"++tags.stage={stage.label}", f"++tags.trial={trial.number}"]
+                *(p.override(trial.params[p.name]) for p in space), *tracked, *report_to]
 
     def _tell(self, ctx: StageRun, trial, ret, space) -> Exception | None:
         """Record the job's outcome on its trial; return the job's error if it must
@@ -784,13 +801,19 @@ class Sweep:
         failure = fatal = None
         values, test_acc, pruned_at = [math.nan], None, None
         try:
-            outcome = ret.return_value  # re-raises the job's exception
+            returned = ret.return_value  # re-raises the job's exception
         except Exception as err:
             failure = f"{type(err).__name__}: {err}"
             if isinstance(err, (ConfigError, DataError)) and not names_searched(err, space):
                 fatal = err
         else:
-            failure = outcome.failure
+            try:  # a number, numbers or an Outcome (mlplab.trial)
+                outcome = read_outcome(returned, self.objectives)
+                failure = outcome.failure
+            except ValueError as err:  # every trial would return alike
+                failure = str(err)
+                fatal = ConfigError(f"hydra.sweeper.objectives={self.objectives}: {err}",
+                                    key="hydra.sweeper.objectives")
             if failure is None:
                 missing = [o for o in self.objectives if o not in outcome.final]
                 if missing:  # every trial would miss it alike

@@ -1,11 +1,9 @@
-"""Pruning: Optuna's pruners by name, and a trial's side of it.
+"""Pruning: Optuna's pruners by name and their settings.
 
 The sweeper owns every trial's state (it asks, and tells COMPLETE, FAIL or PRUNED).
-A job it launches with `trial.study` set only reports: after each evaluation point
-its validation accuracy goes to its trial in the shared storage (step = update step),
-and the study's pruner, which the sweeper stored on the study, says whether to stop.
-Since the intermediate values live in the storage, every worker's pruner sees every
-trial's curve, and a resumed sweep sees those of the run before.
+A job it launches with `trial.study` set only reports (mlplab.trial): after each
+evaluation point its objective goes to its trial in the shared storage (step = update
+step), and the pruner the sweeper stored on the study says whether to stop.
 """
 
 from __future__ import annotations
@@ -13,15 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import optuna
-
 from mlplab.config import ConfigError
-from mlplab.passwords import unmask
-
-from ._studies import open_storage
 
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-PRUNER_ATTR = "pruner"  # the stage study's user attribute: {"name": ..., **knobs}
 # the knobs each pruner takes from hydra.sweeper.pruning
 KNOBS = {"none": (), "median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
          "successive_halving": ("min_resource", "reduction_factor"),
@@ -65,31 +57,3 @@ def bracket_share(settings: dict[str, Any]) -> float:
     return min(budgets) / sum(budgets)
 
 
-def make_pruner(settings: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """The Optuna pruner `describe` gave the settings of."""
-    knobs = {k: v for k, v in settings.items() if k != "name"}
-    return {"none": optuna.pruners.NopPruner,
-            "median": optuna.pruners.MedianPruner,
-            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-            "hyperband": optuna.pruners.HyperbandPruner}[settings["name"]](**knobs)
-
-
-class TrialReporter:
-    """The job's side: `reporter(record)` reports the record's val_acc to the trial
-    and returns True when the pruner stops it. Step 0 is not reported: an untrained
-    net says nothing about the trial's settings."""
-
-    def __init__(self, storage: str, study_name: str, number: int):
-        storage_ = open_storage(unmask(storage))
-        study = optuna.load_study(study_name=study_name, storage=storage_,
-                                  sampler=optuna.samplers.RandomSampler())
-        study.pruner = make_pruner(study.user_attrs.get(PRUNER_ATTR, {"name": "none"}))
-        trial_id = storage_.get_trial_id_from_study_id_trial_number(
-            storage_.get_study_id_from_name(study_name), number)
-        self.trial = optuna.trial.Trial(study, trial_id)
-
-    def __call__(self, record: dict) -> bool:
-        if record["step"] == 0:
-            return False
-        self.trial.report(record["val_acc"], record["step"])
-        return self.trial.should_prune()

@@ -180,8 +180,7 @@ class ParentRun:
     def log_params(self, params: dict) -> None:
         """Params are write-once in MLflow: a re-run with a changed setting keeps the
         first value (and says so) instead of failing the sweep."""
-        self.spool.params({k: mask_password(str(v))[:tracking.MAX_PARAM_LENGTH]
-                           for k, v in params.items()})
+        self.spool.params(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         items = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
@@ -200,8 +199,8 @@ class ParentRun:
             tags={"stage": stage, "trial": str(trial.number)},
             parent_spool_id=self.spool_id)
         spool.courier().add(child)
-        child.params({k: str(v) for k, v in params.items()})
-        child.tags({"failure": failure[:MAX_TAG_LENGTH]})
+        child.params(params)
+        child.tags({"failure": failure})
         child.end("FAILED")
 
     def mark_ended(self, stage: str, numbers: list[int], status: str = "KILLED",
@@ -209,12 +208,13 @@ class ParentRun:
         """Child runs of interrupted trials still shown RUNNING end with `status`
         (and a `failure` tag): their process is gone and cannot close them. Only
         while the store answers (it shows them RUNNING until then)."""
-        client = tracking.client(self.uri)
         try:
+            # (this worker's courier may not have delivered the parent run yet)
+            client, experiment_id = tracking.open_experiment(self.uri, self.experiment)
             for number in numbers:
                 query = f"tags.`{spool.SPOOL_TAG}` = '{self.child_spool_id(stage, number)}'"
                 for run in tracking.with_retries(lambda q=query: client.search_runs(
-                        [self.spool.experiment_id], filter_string=q)):
+                        [experiment_id], filter_string=q)):
                     if run.info.status == "RUNNING":
                         if failure:
                             tracking.with_retries(lambda r=run: client.set_tag(
@@ -338,7 +338,7 @@ class ParentRun:
         return chosen
 
     def set_tags(self, tags: dict) -> None:
-        self.spool.tags({k: mask_password(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items()})
+        self.spool.tags(tags)
 
     def _artifact(self, path: Path) -> None:
         self.spool.artifact(path)

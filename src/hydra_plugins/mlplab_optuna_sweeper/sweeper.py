@@ -62,15 +62,17 @@ class MlplabOptunaSweeper(Sweeper):
         pending = self._deliver()
         if pending:
             exit_with(pending_line(pending, sweep_dir, tracking.resolve_uri(
-                self.config.tracking.uri)), PENDING_EXIT)
+                OmegaConf.select(self.config, "tracking.uri"))), PENDING_EXIT)
         return records
 
     def _deliver(self) -> int:
         """Wait up to tracking.wait_seconds for the store to have every run this
         process wrote (the trials' and the parent's); the records still waiting."""
         from mlplab import spool
+        from mlplab.config import TrackingConfig
 
-        seconds = OmegaConf.select(self.config, "tracking.wait_seconds", default=0)
+        seconds = OmegaConf.select(self.config, "tracking.wait_seconds",
+                                   default=TrackingConfig.wait_seconds)
         return spool.courier().wait_all(seconds)
 
     def _compose(self, overrides: list[str]) -> DictConfig:

@@ -13,14 +13,14 @@ import functools
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import data, experiment, network, passwords, threads, tracking, trainer
+from mlplab import data, experiment, network, passwords, threads, tracking, trainer, trial
 from mlplab.commands.common import (
     CONF_DIR,
     PENDING_EXIT,
@@ -39,26 +39,20 @@ PRUNED = "pruned"  # tag of a run its sweep stopped early: the update step it st
 
 
 @dataclass
-class Outcome:
-    """What one run produced: final metrics, timing, and where it was recorded."""
+class Outcome(trial.Outcome):
+    """What one run produced (final metrics, whether it was pruned: the sweep's side,
+    mlplab.trial), its timing, and where it was recorded."""
 
-    final: dict[str, float]
-    run_id: str | None  # None: not tracked (tracking.enabled=false)
-    tracking_uri: str | None
-    seconds: dict[str, float]
+    run_id: str | None = None  # None: not tracked (tracking.enabled=false), or not yet
+    tracking_uri: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
     runs_page: str | None = None  # the experiment's runs in the MLflow UI
-    pruned_at: int | None = None  # the update step its sweep's pruner stopped it at
-    failure: str | None = None  # a multirun job's diverged training (see main)
     pending: int = 0  # records the store did not have when the run ended
     spool: str | None = None  # where they are kept (mlplab-sync delivers them)
 
     @property
     def val_acc(self) -> float:
         return self.final["val_acc"]
-
-    @classmethod
-    def failed(cls, failure: str) -> Outcome:
-        return cls({}, None, None, {}, failure=failure)
 
 
 def run_experiment(cfg: DictConfig) -> Outcome:
@@ -71,9 +65,9 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     t_cfg = cfg.tracking
     if not t_cfg.enabled:
         result = train(on_eval=stop_early)
-        return Outcome(result.final | {"n_params": net.n_params}, None, None,
-                       _seconds(result, 0.0, t_start),
-                       pruned_at=result.steps if result.stopped else None)
+        return Outcome(result.final | {"n_params": net.n_params},
+                       pruned_at=result.steps if result.stopped else None,
+                       seconds=_seconds(result, 0.0, t_start))
 
     uri = tracking.resolve_uri(t_cfg.uri)
     # the config's tags from the start: a sweep finds a killed trial's run by them
@@ -105,9 +99,10 @@ def run_experiment(cfg: DictConfig) -> Outcome:
         run.log_metrics({f"{k}_seconds": v for k, v in seconds.items()}, step=result.steps)
     seconds["tracking"] = run.seconds  # closing the run is on the clock too
     seconds["wall"] = time.perf_counter() - t_start
-    return Outcome(final, run.run_id, uri, seconds,
-                   tracking.runs_page(uri, run.experiment_id) if run.experiment_id else None,
-                   pruned_at=result.steps if result.stopped else None,
+    return Outcome(final, pruned_at=result.steps if result.stopped else None,
+                   run_id=run.run_id, tracking_uri=uri, seconds=seconds,
+                   runs_page=tracking.runs_page(uri, run.experiment_id)
+                   if run.experiment_id else None,
                    pending=run.pending, spool=str(run.spool.folder) if run.pending else None)
 
 
@@ -130,13 +125,13 @@ def prepare(cfg: DictConfig):
 
 
 def _trial_reporter(cfg: DictConfig):
-    """For a trial of a sweep that prunes (the sweeper sets `trial.*`): the callback
-    that reports each evaluation to the trial and says when to stop; else None."""
-    if cfg.trial.study is None:
+    """For a trial of a sweep that prunes: the callback that reports each evaluation's
+    validation accuracy (mlplab.trial) and says when to stop; else None. Step 0 is not
+    reported: an untrained net says nothing about the trial's settings."""
+    report = trial.reporter(cfg.trial)
+    if report is None:
         return None
-    from hydra_plugins.mlplab_optuna_sweeper._pruning import TrialReporter
-
-    return TrialReporter(cfg.trial.storage, cfg.trial.study, cfg.trial.number)
+    return lambda rec: rec["step"] > 0 and report(rec["val_acc"], rec["step"])
 
 
 def _seconds(result: trainer.Result, tracking_seconds: float, t_start: float) -> dict:
