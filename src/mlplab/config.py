@@ -206,11 +206,6 @@ def keyed(prefix: str = "", **renames: str) -> Iterator[None]:
         raise ConfigError(f"{key}={err.value!r}: {err.allowed}", key=key) from None
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _keys(node: DictConfig, prefix: str = ""):
     """(key, whether the schema knows it) for every key under `node`, dotted; a
     free-form node (a dict, such as `tags`) is not looked into."""
@@ -239,17 +234,10 @@ def check_keys(cfg: DictConfig) -> None:
 
 def validate_gradcheck(cfg: DictConfig) -> None:
     """Check the `gradcheck` section (the command also runs experiment.validate)."""
+    from mlplab import gradcheck
+
     g = cfg.gradcheck
-    _require(g.d > 0, f"gradcheck.d={g.d}: the number of input dimensions must be > 0")
-    _require(g.n > 0, f"gradcheck.n={g.n}: the number of samples must be > 0")
-    _require(not (cfg.bn and g.n == 1),
-             "gradcheck.n=1 with bn=true: batch norm maps a single sample to beta, so "
-             "nothing before it gets a gradient; use n >= 2")
-    _require(g.lam is None or g.lam >= 0,
-             f"gradcheck.lam={g.lam}: must be null (the top-level lam) or >= 0")
-    _require(g.h > 0, f"gradcheck.h={g.h}: the step must be > 0")
-    _require(g.seed >= 0, f"gradcheck.seed={g.seed}: must be >= 0")
-    _require(g.order in (2, 4, 6), f"gradcheck.order={g.order}: allowed (2, 4, 6)")
-    _require(g.eps > 0, f"gradcheck.eps={g.eps}: must be > 0")
-    _require(g.threshold > 0, f"gradcheck.threshold={g.threshold}: must be > 0")
-    _require(g.jitter >= 0, f"gradcheck.jitter={g.jitter}: must be >= 0")
+    with keyed("gradcheck."):
+        gradcheck.check_options(d=g.d, n=g.n, h=g.h, order=g.order, eps=g.eps,
+                                threshold=g.threshold, jitter=g.jitter, seed=g.seed,
+                                lam=g.lam, bn=cfg.bn)

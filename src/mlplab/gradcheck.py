@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlplab import checks
+
 DEFAULT_H = 1e-5  # step of the centred difference
 # Central-difference weights by order of accuracy: f'(x) ~ sum_k c_k (f(x + k h) -
 # f(x - k h)) / h, with error ~h^order. Order 2 is the textbook (f(x+h) - f(x-h)) / 2h.
@@ -69,11 +71,28 @@ class Row:
         return self.n_compared > 0 and self.max_rel_err <= self.threshold
 
 
+def check_options(*, d: int, n: int, h: float, order: int, eps: float, threshold: float,
+                  jitter: float, seed: int, lam: float | None, bn: bool) -> None:
+    """ArgumentError naming the first bad setting of a check (mlplab.checks)."""
+    checks.positive_int("d", d)
+    checks.positive_int("n", n)
+    checks.require(not (bn and n == 1), "n", n, "with bn=true batch norm maps a single "
+                   "sample to beta, so nothing before it gets a gradient; allowed n >= 2")
+    checks.require(lam is None or lam >= 0, "lam", lam,
+                   "allowed null (the top-level lam) or >= 0")
+    checks.positive("h", h)
+    checks.non_negative_int("seed", seed)
+    checks.one_of("order", order, tuple(CENTRAL_WEIGHTS))
+    checks.positive("eps", eps)
+    checks.positive("threshold", threshold)
+    checks.non_negative("jitter", jitter)
+
+
 def _require_float64(params: dict[str, np.ndarray]) -> None:
     for name, p in params.items():
-        if p.dtype != np.float64:
-            raise ValueError(f"{name} is {p.dtype}: gradient checks need float64 parameters "
-                             f"(a step of {DEFAULT_H:g} on a float32 entry is mostly rounding)")
+        # a step of 1e-5 on a float32 entry is mostly rounding
+        checks.require(p.dtype == np.float64, name, str(p.dtype),
+                       "gradient checks need float64 parameters")
 
 
 def _each_entry(p: np.ndarray, offsets: tuple[float, ...], evaluate: Callable[[], object]):
@@ -106,8 +125,7 @@ def numerical_gradients(f: Callable[[], float], params: dict[str, np.ndarray],
     Costs `order` calls of f per entry.
     """
     _require_float64(params)
-    if order not in CENTRAL_WEIGHTS:
-        raise ValueError(f"order={order}: allowed {tuple(CENTRAL_WEIGHTS)}")
+    checks.one_of("order", order, tuple(CENTRAL_WEIGHTS))
     weights = CENTRAL_WEIGHTS[order]
     offsets = tuple(s * k * h for k in range(1, len(weights) + 1) for s in (1, -1))
     grads = {}
