@@ -142,9 +142,9 @@ def test_a_sampler_whose_packages_are_missing_is_refused_not_left_to_fail_after_
     ({"direction": 1}, "hydra.sweeper.direction=1: allowed ('maximize', 'minimize')"),
     ({"direction": ["maximize", "up"]}, "direction=['maximize', 'up']: allowed"),
     ({"objectives": ["n_params"], "direction": "minimize", "pruner": "hyperband"},
-     "pruner='hyperband' with objectives=['n_params']: a trial reports its val_acc"),
+     "pruner='hyperband': with objectives=['n_params'] a trial reports its val_acc"),
     ({"direction": ["maximize", "minimize"], "objectives": ["val_acc", "n_params"],
-      "stages": [{"n_trials": 3}, {"n_trials": 3}]}, "stages: 2 given; with several"),
+      "stages": [{"n_trials": 3}, {"n_trials": 3}]}, "stages=2: with several objectives"),
 ])
 def test_settings_the_sweeper_cannot_honour_are_refused_with_the_key_and_what_is_allowed(
         setting, message):

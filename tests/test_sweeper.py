@@ -941,7 +941,7 @@ def test_several_objectives_give_a_pareto_front_on_the_parent_and_retrain_the_ru
 @pytest.mark.parametrize("extra, message", [
     ("hydra.sweeper.pruner=median", "pruner='median': Optuna cannot prune a study of "
                                     "several objectives"),
-    ("hydra.sweeper.final.top_m=2", "final.top_m=2, final.choose_in='final': with several"),
+    ("hydra.sweeper.final.top_m=2", "final.top_m=2: with several objectives"),
     ("hydra.sweeper.objectives=[val_acc]", "objectives=['val_acc']: one per direction"),
 ])
 def test_what_several_objectives_cannot_do_is_refused_before_anything_is_recorded(

@@ -52,9 +52,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from mlplab import optuna_storage, threads, tracking
+from mlplab.checks import non_negative, positive, positive_int, require
 from mlplab.commands.common import terminate_as_interrupt
 from mlplab.config import Config as MlplabConfig
-from mlplab.config import ConfigError
+from mlplab.config import ConfigError, keyed
 from mlplab.data import DataError
 from mlplab.experiment import validate as validate_config
 from mlplab.passwords import mask_password
@@ -134,55 +135,54 @@ def plan(s: DictConfig) -> list[Stage]:
 
 
 def check(s: DictConfig) -> None:
-    def require(ok, message):
-        if not ok:
-            raise ConfigError(f"hydra.sweeper.{message}")
-
-    directions = as_directions(s.direction)
-    names = objectives(s)
-    require(len(names) == len(directions),
-            f"objectives={names}: one per direction ({len(directions)}: {directions})")
-    # the jobs report their validation accuracy to the pruner, whatever is optimised
-    # (several objectives: refused below, with Optuna's reason)
-    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1,
-            f"pruner={s.pruner!r} with objectives={names}: a trial reports its val_acc "
-            "to the pruner, so a pruner needs objectives [val_acc]; allowed none")
-    require(s.final is None or s.final.front_tolerance >= 0,
-            f"final.front_tolerance={s.final and s.final.front_tolerance}: must be >= 0")
-    if len(directions) > 1:  # what Optuna and a single answer allow with a front
-        require(s.pruner == "none",
-                f"pruner={s.pruner!r}: Optuna cannot prune a study of several objectives "
-                f"(direction={directions}); allowed none")
-        require(len(s.stages) <= 1,
-                f"stages: {len(s.stages)} given; with several objectives a search has one "
-                "stage (narrowing to the best has no single best); allowed 0 or 1")
-        require(_samplers.handles_objectives(_samplers.spec(s.sampler), len(directions)),
-                f"sampler={_samplers.describe(_samplers.spec(s.sampler))}: cannot search "
-                f"several objectives; allowed tpe, nsga2, random, qmc, gp")
-        require(s.final is None or (s.final.top_m == 1 and s.final.choose_in == "final"),
-                f"final.top_m={s.final and s.final.top_m}, final.choose_in="
-                f"{s.final and s.final.choose_in!r}: with several objectives the final step "
-                "retrains the one front member final.front_tolerance picks; allowed "
-                "top_m=1, choose_in=final (seeds may be more)")
-    require(s.n_trials >= 1, f"n_trials={s.n_trials}: must be >= 1")
-    require(s.n_jobs >= 1, f"n_jobs={s.n_jobs}: must be >= 1")
-    require(s.workers is None or s.workers >= 1,
-            f"workers={s.workers}: allowed null (one per core) or an int >= 1")
-    require(s.top_k >= 1, f"top_k={s.top_k}: must be >= 1")
-    require(s.margin >= 0, f"margin={s.margin}: must be >= 0 (decades)")
-    require(s.heartbeat_seconds > 0, f"heartbeat_seconds={s.heartbeat_seconds}: must be > 0")
-    require(s.storage_wait_seconds >= 0,
-            f"storage_wait_seconds={s.storage_wait_seconds}: must be >= 0")
-    require(s.stale_seconds > s.heartbeat_seconds,
-            f"stale_seconds={s.stale_seconds}: must exceed heartbeat_seconds="
-            f"{s.heartbeat_seconds}, or live trials would look stale")
-    if s.final is not None:
-        require(s.final.top_m >= 1, f"final.top_m={s.final.top_m}: must be >= 1")
-        require(s.final.seeds >= 1, f"final.seeds={s.final.seeds}: must be >= 1")
-        require(s.final.choose_in in CHOOSE_IN,
-                f"final.choose_in={s.final.choose_in!r}: allowed {list(CHOOSE_IN)}")
+    """Every hydra.sweeper setting checkable before anything runs (ConfigError naming
+    the key, as the app's own checks do)."""
+    with keyed("hydra.sweeper."):
+        _check(s)
     _samplers.make(_samplers.spec(s.sampler), 0)  # bad names, arguments, packages: now
     _pruning.describe(s.pruner, s.pruning)
+
+
+def _check(s: DictConfig) -> None:
+    directions, names, final = as_directions(s.direction), objectives(s), s.final
+    require(len(names) == len(directions), "objectives", names,
+            f"one per direction ({len(directions)}: {directions})")
+    # the jobs report their validation accuracy to the pruner, whatever is optimised
+    # (several objectives: refused below, with Optuna's reason)
+    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1, "pruner", s.pruner,
+            f"with objectives={names} a trial reports its val_acc to the pruner, so a "
+            "pruner needs objectives [val_acc]; allowed none")
+    if final is not None:
+        non_negative("final.front_tolerance", final.front_tolerance)
+        positive_int("final.top_m", final.top_m)
+        positive_int("final.seeds", final.seeds)
+        require(final.choose_in in CHOOSE_IN, "final.choose_in", final.choose_in,
+                f"allowed {list(CHOOSE_IN)}")
+    if len(directions) > 1:  # what Optuna and a single answer allow with a front
+        require(s.pruner == "none", "pruner", s.pruner, "Optuna cannot prune a study of "
+                f"several objectives (direction={directions}); allowed none")
+        require(len(s.stages) <= 1, "stages", len(s.stages), "with several objectives a "
+                "search has one stage (narrowing to the best has no single best); "
+                "allowed 0 or 1")
+        sampler = _samplers.spec(s.sampler)
+        require(_samplers.handles_objectives(sampler, len(directions)), "sampler",
+                _samplers.describe(sampler), "cannot search several objectives; allowed "
+                "tpe, nsga2, random, qmc, gp")
+        require(final is None or (final.top_m == 1 and final.choose_in == "final"),
+                "final.top_m", final and final.top_m, "with several objectives the final "
+                "step retrains the one front member final.front_tolerance picks; allowed "
+                "top_m=1 and choose_in=final (seeds may be more)")
+    positive_int("n_trials", s.n_trials)
+    positive_int("n_jobs", s.n_jobs)
+    require(s.workers is None or s.workers >= 1, "workers", s.workers,
+            "allowed null (one per core) or an int >= 1")
+    positive_int("top_k", s.top_k)
+    non_negative("margin", s.margin)  # decades
+    positive("heartbeat_seconds", s.heartbeat_seconds)
+    non_negative("storage_wait_seconds", s.storage_wait_seconds)
+    require(s.stale_seconds > s.heartbeat_seconds, "stale_seconds", s.stale_seconds,
+            f"must exceed heartbeat_seconds={s.heartbeat_seconds}, or live trials would "
+            "look stale")
 
 
 def as_directions(direction) -> list[str]:
