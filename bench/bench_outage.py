@@ -14,7 +14,7 @@ from its first to its last update step (the train_loss points' timestamps, as th
 measured them). The goal: the outage run's span within 10% of the clean runs' median.
 
 The default ARGS train the reports' 3-layer BN setting for 12 cycles (45,000 images;
-72 s of training on 2 cores).
+74-85 s of training on 2 cores).
 """
 
 from __future__ import annotations
