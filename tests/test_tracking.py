@@ -115,3 +115,42 @@ def test_a_tracked_run_works_where_fcntl_does_not_exist(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert MlflowClient(uri).get_run(done.stdout.strip()).info.status == "FINISHED"
+
+
+def test_a_record_delivered_late_does_not_overwrite_a_newer_end(tmp_path):
+    """An interrupted run's spool (KILLED) delivered after the run was resumed and
+    finished leaves it FINISHED."""
+    from mlflow import MlflowClient
+
+    from mlplab import spool
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.open_experiment(uri, "late")
+    old = spool.Spool(tmp_path, "resumed-run", uri, "late")
+    old.end("KILLED")  # the first attempt, interrupted; its spool stays on disk
+    new = spool.Spool(tmp_path, "resumed-run", uri, "late")
+    new.end("FINISHED")
+    state = spool.deliver(new.folder)
+    spool.deliver(old.folder)
+    run = MlflowClient(uri).get_run(state["run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(MlflowClient(uri).search_runs([state["experiment_id"]])) == 1
+
+
+def test_a_record_the_store_refuses_is_set_aside_and_the_others_go_on(tmp_path, caplog):
+    from mlflow import MlflowClient
+
+    from mlplab import courier
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.run(uri=uri, experiment="refused", spool_root=tmp_path,
+                      wait_seconds=60) as bad:
+        bad.log_metrics({"no good!": 1.0}, step=0)  # MLflow refuses the name
+    with tracking.run(uri=uri, experiment="refused", spool_root=tmp_path,
+                      wait_seconds=60) as good:
+        good.log_metrics({"fine": 1.0}, step=0)
+    assert good.pending == 0 and MlflowClient(uri).get_run(good.run_id).data.metrics == \
+        {"fine": 1.0}
+    [aside] = list(tmp_path.glob(f"**/*{courier.REJECTED}"))
+    assert "no good!" in (aside / "rejected.txt").read_text()
+    assert "refused a run's record" in caplog.text

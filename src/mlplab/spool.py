@@ -4,8 +4,8 @@ A run appends its record (the run itself, params, tags, metrics with their steps
 times, dataset inputs, artifacts, the model, its end) as operations to `ops.jsonl` in
 its spool folder, `<output folder>/mlflow-spool/<spool id>-<random>/`, with copies of
 its files beside: training never waits on the store, and memory stays bounded whatever
-the outage. A courier thread delivers the operations in order as they come; while the
-store is away it keeps trying, with a back-off of at most MAX_DELAY seconds.
+the outage. A courier thread (courier.py) delivers the operations in order as they
+come; while the store is away it keeps trying.
 
 Delivery is exactly once. `delivered.json` says how far it got, written after every
 step, so a delivery killed half way resumes at the step it was in, and each step can
@@ -14,7 +14,8 @@ before one is created, params already there are skipped, tags and artifacts are
 overwritten, MLflow's SQL stores keep one copy of a metric with the same key, step,
 time and value, and a model is looked up by its run before one is logged. A spool is
 removed once its whole record, end included, is in the store. A spool a process left
-behind (the store away when it ended) is delivered by `mlplab-sync FOLDER`.
+behind (the store away when it ended) is delivered by `mlplab-sync FOLDER`
+(courier.sync).
 
 A run can name its parent by the parent's spool id (a sweep's parent run, which may
 not be in the store yet): its delivery waits until the parent's is done.
@@ -27,12 +28,11 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from mlplab import tracking
 from mlplab.passwords import mask_password
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 SPOOL_DIR = "mlflow-spool"  # in a run's output folder (a sweep's: in the sweep's)
 OPS, DELIVERED, FILES, LOCK = "ops.jsonl", "delivered.json", "files", "lock"
 SPOOL_TAG = "mlplab.spool_id"
-MIN_DELAY, MAX_DELAY = 1.0, 30.0  # seconds between attempts while the store is away
-BATCH_SECONDS = 2.0  # metrics that come within this long go to the store in one write
 MAX_METRICS, MAX_ITEMS = 1000, 100  # MLflow's log_batch limits
 
 
@@ -63,8 +61,8 @@ class Spool:
                  run_name: str | None = None, tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None, parent_spool_id: str | None = None,
                  create: bool = True):
-        self.spool_id = spool_id
-        self.folder = Path(root) / f"{spool_id}-{uuid.uuid4().hex[:8]}"
+        self.spool_id, self.uri = spool_id, uri  # the real URI: in memory only
+        self.folder = Path(root).resolve() / f"{spool_id}-{uuid.uuid4().hex[:8]}"
         (self.folder / FILES).mkdir(parents=True)
         self._lock = FileLock(self.folder / LOCK, thread_local=False)
         self._lock.acquire()
@@ -75,8 +73,9 @@ class Spool:
         self.done = False  # the whole record is in the store (set by the courier)
         self.run_id: str | None = None  # once the run is in the store
         self.experiment_id: str | None = None
+        self.on_write = lambda closing: None  # the courier's wake-up (courier.add)
         self.append({"op": "run", "spool_id": spool_id, "uri": mask_password(uri),
-                     "experiment": experiment, "run_name": run_name,
+                     "experiment": experiment, "run_name": _masked(run_name),
                      "tags": _texts(tags or {}, tracking.MAX_TAG_LENGTH),
                      "start_time": now_ms(), "parent_run_id": parent_run_id,
                      "parent_spool_id": parent_spool_id, "create": create})
@@ -86,7 +85,7 @@ class Spool:
             raise ValueError(f"spool {self.folder} is closed: the run has ended")
         self._ops.write(json.dumps(op) + "\n")
         self._ops.flush()  # one write of a whole line: a reader never sees half of one
-        courier().poke(urgent=op["op"] in ("end", "detach"))
+        self.on_write(op["op"] in ("end", "detach"))
 
     def params(self, params: dict) -> None:
         self.append({"op": "params", "params": _texts(params, tracking.MAX_PARAM_LENGTH)})
@@ -102,7 +101,7 @@ class Spool:
 
     def datasets(self, inputs: list[dict]) -> None:
         """[{'dataset': {name, digest, source_type, source, schema, profile}, 'tags': {}}]"""
-        self.append({"op": "datasets", "inputs": inputs})
+        self.append({"op": "datasets", "inputs": _masked(inputs)})
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.append({"op": "artifact", "file": self._keep(path), "folder": folder})
@@ -114,7 +113,7 @@ class Spool:
                      "examples": self._keep(examples)})
 
     def status(self, status: str) -> None:
-        self.append({"op": "status", "status": status})
+        self.append({"op": "status", "status": status, "time": now_ms()})
 
     def end(self, status: str) -> None:
         self._close({"op": "end", "status": status, "end_time": now_ms()})
@@ -139,6 +138,17 @@ class Spool:
         (self.folder / name).parent.mkdir()
         shutil.copyfile(path, self.folder / name)
         return name
+
+
+def _masked(value):
+    """Every string in `value` (nested lists and dicts) with its passwords masked."""
+    if isinstance(value, str):
+        return mask_password(value)
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    return value
 
 
 def _texts(values: dict, limit: int) -> dict[str, str]:
@@ -176,8 +186,11 @@ def _steps(folder: Path, offset: int):
 
 
 def pending_ops(folder: Path) -> int:
-    """Operations of a spool the store does not have yet."""
-    return sum(1 for _ in _steps(folder, _state(folder)["offset"]))
+    """Operations of a spool the store does not have yet (none once it is removed)."""
+    try:
+        return sum(1 for _ in _steps(folder, _state(folder)["offset"]))
+    except FileNotFoundError:
+        return 0
 
 
 def deliver(folder: Path, uri: str | None = None) -> dict:
@@ -226,6 +239,8 @@ def _deliver_run(client, op: dict, state: dict, uri: str) -> None:
     """The run: found by its spool id, else created with its start time and tags."""
     exp_id = tracking.open_experiment(uri, op["experiment"])[1]
     run_id = _find(client, exp_id, op["spool_id"])
+    if run_id is not None and op["tags"]:  # made by another spool of it: its tags too
+        _log_tags(client, run_id, op["tags"])
     if run_id is None:
         if not op["create"]:
             raise NotYet(f"run {op['spool_id']} is not in the store yet")
@@ -257,13 +272,15 @@ def _write_metrics(client, state: dict, batch: list, offset: int, folder: Path) 
 
     if batch:
         items = [Metric(k, v, t, s) for k, v, t, s in batch]
-        tracking.with_retries(lambda: client.log_batch(state["run_id"], metrics=items))
+        for i in range(0, len(items), MAX_METRICS):
+            tracking.with_retries(lambda c=items[i:i + MAX_METRICS]: client.log_batch(
+                state["run_id"], metrics=c))
         state["offset"] = offset
         _save_state(folder, state)
 
 
 def _apply(client, op: dict, state: dict, folder: Path, uri: str) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
     run_id, kind = state["run_id"], op["op"]
     if kind == "params":
@@ -277,10 +294,7 @@ def _apply(client, op: dict, state: dict, folder: Path, uri: str) -> None:
             tracking.with_retries(lambda c=items[i:i + MAX_ITEMS]:
                                   client.log_batch(run_id, params=c))
     elif kind == "tags":
-        items = [RunTag(k, v) for k, v in op["tags"].items()]
-        for i in range(0, len(items), MAX_ITEMS):
-            tracking.with_retries(lambda c=items[i:i + MAX_ITEMS]:
-                                  client.log_batch(run_id, tags=c))
+        _log_tags(client, run_id, op["tags"])
     elif kind == "datasets":
         inputs = [DatasetInput(Dataset(**d["dataset"]),
                                [InputTag(k, v) for k, v in d["tags"].items()])
@@ -292,15 +306,34 @@ def _apply(client, op: dict, state: dict, folder: Path, uri: str) -> None:
     elif kind == "model":
         _deliver_model(client, state, folder / op["weights"], folder / op["examples"], uri)
     elif kind == "status":
-        tracking.with_retries(lambda: client.update_run(run_id, status=op["status"]))
+        if not _ended_after(client, run_id, op.get("time", 0)):
+            tracking.with_retries(lambda: client.update_run(run_id, status=op["status"]))
     elif kind == "end":
-        tracking.with_retries(lambda: client.set_terminated(run_id, op["status"],
-                                                            end_time=op["end_time"]))
+        # a spool delivered late (an interrupted run of a sweep resumed since) does not
+        # overwrite a newer end
+        if not _ended_after(client, run_id, op["end_time"]):
+            tracking.with_retries(lambda: client.set_terminated(run_id, op["status"],
+                                                                end_time=op["end_time"]))
         state["ended"] = True
     elif kind == "detach":
         state["ended"] = True
     else:
         raise ValueError(f"unknown spool operation {kind!r} in {folder}")
+
+
+def _log_tags(client, run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_ITEMS):
+        tracking.with_retries(lambda c=items[i:i + MAX_ITEMS]: client.log_batch(run_id,
+                                                                                tags=c))
+
+
+def _ended_after(client, run_id: str, time_ms: int) -> bool:
+    """Whether the run ended (in the store) after `time_ms`."""
+    info = tracking.with_retries(lambda: client.get_run(run_id)).info
+    return info.status != "RUNNING" and (info.end_time or 0) > time_ms
 
 
 def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str) -> None:
@@ -323,147 +356,3 @@ def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str)
     # MLflow writes a model's files through its fluent API, which uses the global URI
     mlflow.set_tracking_uri(uri)
     pyfunc_model.log_model(weights, np.load(examples), run_id=run_id, model_id=model.model_id)
-
-
-# --- the courier ------------------------------------------------------------------------
-
-class Courier:
-    """This process's delivery thread: every spool it writes, in the order opened
-    (a sweep's parent before its trials), each operation in the order written."""
-
-    def __init__(self):
-        self._spools: list[Spool] = []
-        self._cond = threading.Condition()
-        self._dirty = self._urgent = False
-        self.failing: str | None = None  # the last attempt's error while the store is away
-        self._thread: threading.Thread | None = None
-
-    def add(self, spool: Spool) -> None:
-        with self._cond:
-            self._spools.append(spool)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="mlplab-courier",
-                                                daemon=True)
-                self._thread.start()
-
-    def poke(self, urgent: bool = False) -> None:
-        with self._cond:
-            self._dirty = True
-            self._urgent |= urgent
-            self._cond.notify_all()
-
-    def wait(self, spools: list[Spool], seconds: float, while_reachable: bool = False) -> int:
-        """Wait until `spools` are delivered, at most `seconds` (`while_reachable`:
-        no longer once an attempt failed); returns the operations still waiting."""
-        deadline = time.monotonic() + seconds
-        self.poke(urgent=True)
-        with self._cond:
-            while any(not s.done for s in spools) and time.monotonic() < deadline:
-                if while_reachable and self.failing:
-                    break
-                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-        return sum(pending_ops(s.folder) for s in spools if not s.done)
-
-    def wait_all(self, seconds: float) -> int:
-        """`wait` for every spool this process has written."""
-        with self._cond:
-            spools = list(self._spools)
-        return self.wait(spools, seconds)
-
-    def _loop(self) -> None:
-        delay = MIN_DELAY
-        while True:
-            with self._cond:
-                while not self._dirty:
-                    self._cond.wait()
-                if not self._urgent:  # let a few metrics gather into one write
-                    self._cond.wait_for(lambda: self._urgent, BATCH_SECONDS)
-                self._dirty = self._urgent = False
-                spools = [s for s in self._spools if not s.done]
-            failed = self._round(spools)
-            if failed and not self.failing:
-                log.warning("the MLflow store cannot take this process's runs (%s); they "
-                            "are kept on disk and sent when it can", failed)
-            elif self.failing and not failed:
-                log.warning("the MLflow store takes runs again")
-            with self._cond:
-                self.failing = failed
-                self._spools = [s for s in self._spools if not s.done]
-                self._cond.notify_all()
-            if failed or any(not s.done and s.ended for s in spools):
-                time.sleep(delay if failed else MIN_DELAY)
-                delay = min(2 * delay, MAX_DELAY) if failed else MIN_DELAY
-                self.poke()
-            else:
-                delay = MIN_DELAY
-
-    def _round(self, spools: list[Spool]) -> str | None:
-        """One pass over the spools; the error that stopped it, if the store is away."""
-        for spool in spools:
-            try:
-                state = deliver(spool.folder)
-            except NotYet:
-                continue
-            except Exception as err:  # the store is away or refused: try again later
-                return mask_password(str(err).splitlines()[0] if str(err) else repr(err))
-            spool.run_id, spool.experiment_id = state["run_id"], state["experiment_id"]
-            if state["ended"]:
-                spool.done = True
-                spool.release()
-        return None
-
-
-_courier: Courier | None = None
-_courier_lock = threading.Lock()
-
-
-def courier() -> Courier:
-    global _courier
-    with _courier_lock:
-        if _courier is None:
-            _courier = Courier()
-        return _courier
-
-
-# --- spools left behind -----------------------------------------------------------------
-
-def find(folders: list[Path]) -> list[Path]:
-    """The spool folders under `folders`."""
-    return sorted({p.parent for f in folders for p in Path(f).glob(f"**/{SPOOL_DIR}/*/{OPS}")})
-
-
-def sync(folders: list[Path], uri: str | None = None) -> tuple[int, int, list[str]]:
-    """Deliver every spool under `folders` that no running process holds; parents
-    before their children. Returns (runs delivered, runs left, messages)."""
-    left = find(folders)
-    delivered, messages = 0, []
-    progress = True
-    while left and progress:
-        progress, waiting = False, []
-        for folder in left:
-            lock = FileLock(folder / LOCK, thread_local=False)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                messages.append(f"{folder}: written by a running process, left to it")
-                continue
-            try:
-                if not (folder / OPS).exists():  # delivered meanwhile
-                    continue
-                state = deliver(folder, uri)
-                if not state["ended"] and not pending_ops(folder):
-                    # its process is gone (the lock was free) and all it wrote is in
-                    messages.append(f"{folder}: its process ended without closing run "
-                                    f"{state['run_id']}; it stays as the store shows it")
-                    shutil.rmtree(folder, ignore_errors=True)
-                delivered += 1
-                progress = True
-            except NotYet:
-                waiting.append(folder)
-            except Exception as err:
-                messages.append(f"{folder}: {mask_password(str(err).splitlines()[0])}")
-            finally:
-                lock.release()
-        left = waiting
-    messages += [f"{f}: its parent run is not in the store" for f in left]
-    return delivered, len(find(folders)), messages

@@ -44,7 +44,7 @@ T = TypeVar("T")
 # input example); noise in a training log. A user's own settings win.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's HTTP client retries a request 7 times over about two minutes. Every write
-# goes through spool.py's courier, which retries for as long as it takes: a quick
+# goes through courier.py's thread, which retries for as long as it takes: a quick
 # failure lets it say the store is away and a sweep's trial go on. A user's own wins.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
@@ -298,7 +298,7 @@ def run(*, uri: str, experiment: str, spool_root: Path, run_name: str | None = N
     delivered in the background; at its end it waits up to `wait_seconds` for the
     store to have all of it (`while_reachable`: not while the store is away), and
     `Run.pending` says what is still waiting. TrackingError if the URI is unusable."""
-    from mlplab import spool
+    from mlplab import courier, spool
 
     t0 = time.perf_counter()
     check_store(uri, experiment)
@@ -306,16 +306,16 @@ def run(*, uri: str, experiment: str, spool_root: Path, run_name: str | None = N
     kept = spool.Spool(Path(spool_root) / spool.SPOOL_DIR, spool_id or f"run-{uuid.uuid4().hex}",
                        uri, experiment, run_name=run_name, tags=tags,
                        parent_run_id=parent_run_id, parent_spool_id=parent_spool_id)
-    spool.courier().add(kept)
+    courier.courier().add(kept)
     opened = Run(kept, time.perf_counter() - t0)
     try:
         yield opened
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         opened.end(status, None if status == "KILLED" else failure_of(err))
-        opened.pending = spool.courier().wait([kept], wait_seconds, while_reachable)
+        opened.pending = courier.courier().wait([kept], wait_seconds, while_reachable)
         raise
     opened.end("FINISHED")
     t1 = time.perf_counter()
-    opened.pending = spool.courier().wait([kept], wait_seconds, while_reachable)
+    opened.pending = courier.courier().wait([kept], wait_seconds, while_reachable)
     opened.seconds += time.perf_counter() - t1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 PRUNER_ATTR = "pruner"  # a stage study's user attribute: {"name": ..., **knobs}
@@ -65,7 +66,7 @@ def read_outcome(returned: Any, objectives: list[str]) -> Outcome:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, Real) and not isinstance(v, bool)  # NumPy's scalars too
 
 
 def make_pruner(settings: dict[str, Any]):

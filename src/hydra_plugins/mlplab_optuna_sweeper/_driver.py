@@ -383,9 +383,10 @@ class Sweep:
         s = self.s
         # another app's sweep goes to an experiment named after it
         self.uri = tracking.resolve_uri(OmegaConf.select(self.config, "tracking.uri"))
-        parent = ParentRun(self.uri, OmegaConf.select(
-            self.config, "tracking.experiment", default=self.config.hydra.job.name),
-            Path(self.config.hydra.sweep.dir))
+        experiment = OmegaConf.select(self.config, "tracking.experiment",
+                                      default=self.config.hydra.job.name)
+        tracking.check_store(self.uri, experiment)  # a URI MLflow cannot use: now
+        parent = ParentRun(self.uri, experiment, Path(self.config.hydra.sweep.dir))
         parent.attach(sweep_study, created, name, optuna_storage.describe_storage(storage_url),
                       mark_running=not self.helper)
         log.info("study %s (%s), worker %s, MLflow parent run %s in %s", name,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab import plots, spool, tracking
+from mlplab import courier, plots, spool, tracking
 from mlplab.passwords import mask_password
 
 from ._space import Param
@@ -141,24 +141,26 @@ class ParentRun:
 
     def attach(self, sweep_study, created: bool, study_name: str, storage: str,
                mark_running: bool = True) -> str:
-        """Made by the worker that created the study, found by the others (and by
-        re-runs) through the study's user attribute. A helper another worker started
-        leaves the run's status to that one (`mark_running=False`) and never creates
-        it (two could, while the store is away)."""
+        """Made by the worker that named it (the one that created the study), found
+        by the others (and by re-runs) through the study's user attribute: only its
+        namer creates the run, so two workers never both do while the store is away.
+        A helper another worker started leaves the run's status to that one
+        (`mark_running=False`)."""
         spool_id = sweep_study.user_attrs.get(PARENT_ATTR)
         deadline = time.monotonic() + (0 if created else PARENT_WAIT_SECONDS)
         while spool_id is None and time.monotonic() < deadline:
             time.sleep(0.5)
             spool_id = sweep_study.user_attrs.get(PARENT_ATTR)  # read from the storage
-        if spool_id is None:
+        named_here = spool_id is None
+        if named_here:
             spool_id = f"sweep-{uuid.uuid4().hex}"
             sweep_study.set_user_attr(PARENT_ATTR, spool_id)
         tags = {"mlplab.sweep": "true", "mlplab.study": study_name,
                 "mlplab.storage": storage, **tracking.source_tags()}
         self.spool = spool.Spool(self.spool_root / spool.SPOOL_DIR, spool_id, self.uri,
                                  self.experiment, run_name=study_name, tags=tags,
-                                 create=mark_running)
-        spool.courier().add(self.spool)
+                                 create=named_here)
+        courier.courier().add(self.spool)
         if mark_running:
             self.spool.status("RUNNING")
         return spool_id
@@ -192,13 +194,17 @@ class ParentRun:
     def record_failure(self, stage: str, trial: FrozenTrial | object, params: dict,
                        failure: str) -> None:
         """Make a failed trial visible in MLflow: its child run FAILED with a `failure`
-        tag, the job's own run if it opened one (the same spool id), else a new one."""
+        tag, the job's own run if it opened one (the same spool id), else a new one.
+        A job whose spool is still in the sweep's folder (another process may deliver
+        it) opened its run: this record only adds to it, never creates it."""
+        child_id = self.child_spool_id(stage, trial.number)
+        opened = any(self.spool_root.glob(f"**/{spool.SPOOL_DIR}/{child_id}-*"))
         child = spool.Spool(
-            self.spool_root / spool.SPOOL_DIR, self.child_spool_id(stage, trial.number),
-            self.uri, self.experiment, run_name=run_name(stage, trial.number, params),
+            self.spool_root / spool.SPOOL_DIR, child_id, self.uri, self.experiment,
+            run_name=run_name(stage, trial.number, params),
             tags={"stage": stage, "trial": str(trial.number)},
-            parent_spool_id=self.spool_id)
-        spool.courier().add(child)
+            parent_spool_id=self.spool_id, create=not opened)
+        courier.courier().add(child)
         child.params(params)
         child.tags({"failure": failure})
         child.end("FAILED")

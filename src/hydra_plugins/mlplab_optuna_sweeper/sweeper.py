@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import MlplabOptunaSweeperConf  # noqa: F401  (registers the config)
 
+INTERRUPTED_WAIT_SECONDS = 10.0  # Ctrl-C: a short wait, not tracking.wait_seconds
+
 
 class MlplabOptunaSweeper(Sweeper):
     """Staged Optuna search over Hydra overrides; see `_driver.Sweep` for the rules."""
@@ -54,26 +56,36 @@ class MlplabOptunaSweeper(Sweeper):
             records = Sweep(self.settings, self.config, self.launcher,
                             self._compose).run(list(arguments))
         except (ConfigError, DataError) as err:
-            self._deliver()
+            self._deliver(sweep_dir)
             exit_with(f"error: {err}", 2)
         except SweepFailed as err:
-            self._deliver()
+            self._deliver(sweep_dir)
             exit_with(f"sweep FAILED: {err}", 1)
-        pending = self._deliver()
+        except tracking.TrackingError as err:  # a URI MLflow cannot use, as a run says
+            exit_with(f"tracking failed: {err}", 1)
+        except KeyboardInterrupt:  # the parent's KILLED, if the store answers at once
+            self._deliver(sweep_dir, INTERRUPTED_WAIT_SECONDS)
+            raise
+        pending = self._deliver(sweep_dir)
         if pending:
             exit_with(pending_line(pending, sweep_dir, tracking.resolve_uri(
                 OmegaConf.select(self.config, "tracking.uri"))), PENDING_EXIT)
         return records
 
-    def _deliver(self) -> int:
+    def _deliver(self, sweep_dir: Path, seconds: float | None = None) -> int:
         """Wait up to tracking.wait_seconds for the store to have every run this
-        process wrote (the trials' and the parent's); the records still waiting."""
-        from mlplab import spool
+        process wrote (the trials' and the parent's); the records still waiting, with
+        those other processes (a launcher's jobs, helpers) left in the sweep's folder."""
+        from mlplab import courier, spool
         from mlplab.config import TrackingConfig
 
-        seconds = OmegaConf.select(self.config, "tracking.wait_seconds",
-                                   default=TrackingConfig.wait_seconds)
-        return spool.courier().wait_all(seconds)
+        if seconds is None:
+            seconds = OmegaConf.select(self.config, "tracking.wait_seconds",
+                                       default=TrackingConfig.wait_seconds)
+        mine = courier.courier()
+        pending = mine.wait_all(seconds)
+        return pending + sum(spool.pending_ops(f) for f in courier.find([sweep_dir])
+                             if f not in mine.folders())
 
     def _compose(self, overrides: list[str]) -> DictConfig:
         """The config of the job these overrides launch, as the launcher composes it."""

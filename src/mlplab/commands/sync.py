@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlplab import spool, tracking
+from mlplab import courier, tracking
 from mlplab.commands.common import PENDING_EXIT
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
         print(f"mlplab-sync: no such folder: {', '.join(missing)}", file=sys.stderr)
         sys.exit(2)
     uri = tracking.resolve_uri(args.tracking_uri) if args.tracking_uri else None
-    delivered, left, messages = spool.sync(args.folders, uri)
+    delivered, left, messages = courier.sync(args.folders, uri)
     for message in messages:
         print(f"mlplab-sync: {message}", file=sys.stderr)
     print(f"mlplab-sync: {delivered} runs delivered, {left} still waiting")

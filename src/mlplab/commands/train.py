@@ -149,7 +149,8 @@ def _log_outputs(run, resolved: dict, net: network.Network, ds: Dataset,
 
     with tempfile.TemporaryDirectory(prefix="mlplab-run-") as tmp:
         folder = Path(tmp)
-        (folder / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        # (an interpolated URL, e.g. from $MLPLAB_CIFAR10_URL, may hold a password)
+        (folder / "config.yaml").write_text(passwords.mask_password(OmegaConf.to_yaml(resolved)))
         artifacts = [folder / "config.yaml"]
         if log_plots:
             plots.plot_curves(result.history, folder / "curves.png", title=summary)
@@ -177,8 +178,9 @@ def _raw_examples(ds: Dataset, n: int) -> np.ndarray:
 def print_summary(outcome: Outcome, cfg: DictConfig) -> None:
     f, s = outcome.final, outcome.seconds
     share = 100 * s["tracking"] / s["wall"] if s["wall"] else 0.0
-    where = (f"mlplab run {outcome.run_id} (experiment {cfg.tracking.experiment!r})"
-             if outcome.run_id else "mlplab run, not tracked (tracking.enabled=false)")
+    where = (f"mlplab run {outcome.run_id or '(not in the store yet)'} (experiment "
+             f"{cfg.tracking.experiment!r})" if outcome.tracking_uri
+             else "mlplab run, not tracked (tracking.enabled=false)")
     print(
         f"\n{where}\n"
         f"  accuracy  train {f['train_acc']:.4f}   val {f['val_acc']:.4f}   "

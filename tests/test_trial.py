@@ -1,0 +1,34 @@
+"""The seam's contract (mlplab.trial): what a job may return to the sweeper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlplab.trial import Outcome, read_outcome
+
+
+@pytest.mark.parametrize("returned, objectives, final", [
+    (0.5, ["val_acc"], {"val_acc": 0.5}),
+    (np.float32(0.25), ["value"], {"value": 0.25}),  # NumPy's scalars are numbers too
+    (3, ["loss"], {"loss": 3.0}),
+    ([0.5, 1200], ["val_acc", "n_params"], {"val_acc": 0.5, "n_params": 1200.0}),
+])
+def test_a_number_or_numbers_become_the_objectives_values(returned, objectives, final):
+    assert read_outcome(returned, objectives) == Outcome(final)
+
+
+def test_an_outcome_is_taken_as_it_is():
+    outcome = Outcome({"val_acc": 0.4, "test_acc": 0.39}, pruned_at=300)
+    assert read_outcome(outcome, ["val_acc"]) is outcome
+
+
+@pytest.mark.parametrize("returned, message", [
+    ("0.5", "the task returned '0.5': allowed a number"),
+    (None, "the task returned None"),
+    (True, "the task returned True"),
+    ([0.5], "1 values for the objectives ['val_acc', 'n_params']"),
+])
+def test_anything_else_is_refused_naming_what_came_back(returned, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_outcome(returned, ["val_acc", "n_params"])
