@@ -154,3 +154,27 @@ def test_a_record_the_store_refuses_is_set_aside_and_the_others_go_on(tmp_path, 
     [aside] = list(tmp_path.glob(f"**/*{courier.REJECTED}"))
     assert "no good!" in (aside / "rejected.txt").read_text()
     assert "refused a run's record" in caplog.text
+
+
+def test_a_create_sent_twice_leaves_one_run(tmp_path, monkeypatch):
+    """MLflow's HTTP client retries a create whose answer was lost: the spool keeps one
+    run of the two the store made."""
+    from mlflow import MlflowClient
+
+    from mlplab import spool
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    real_create = client.create_run
+
+    def create_twice(*args, **kwargs):
+        real_create(*args, **kwargs)
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(client, "create_run", create_twice)
+    kept = spool.Spool(tmp_path, "sent-twice", uri, "twice")
+    kept.metrics({"x": 1.0}, step=0)
+    kept.end("FINISHED")
+    state = spool.deliver(kept.folder)
+    [run] = MlflowClient(uri).search_runs([state["experiment_id"]])
+    assert run.info.run_id == state["run_id"] and run.data.metrics == {"x": 1.0}

@@ -252,10 +252,23 @@ def _deliver_run(client, op: dict, state: dict, uri: str) -> None:
         tags = {**op["tags"], SPOOL_TAG: op["spool_id"]}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run_id = tracking.with_retries(lambda: client.create_run(
-            exp_id, start_time=op["start_time"], tags=tags,
-            run_name=op["run_name"])).info.run_id
+        tracking.with_retries(lambda: client.create_run(
+            exp_id, start_time=op["start_time"], tags=tags, run_name=op["run_name"]))
+        run_id = _one_run(client, exp_id, op["spool_id"])
     state["run_id"], state["experiment_id"] = run_id, exp_id
+
+
+def _one_run(client, experiment_id: str, spool_id: str) -> str:
+    """The run just made for `spool_id`: one only, though MLflow's HTTP client may
+    have sent the create twice (a retry after a lost answer): the others are deleted."""
+    from mlflow.entities import ViewType
+
+    runs = sorted(r.info.run_id for r in tracking.with_retries(lambda: client.search_runs(
+        [experiment_id], filter_string=f"tags.`{SPOOL_TAG}` = '{spool_id}'",
+        run_view_type=ViewType.ACTIVE_ONLY)))
+    for extra in runs[1:]:
+        tracking.with_retries(lambda r=extra: client.delete_run(r))
+    return runs[0]
 
 
 def _find(client, experiment_id: str, spool_id: str) -> str | None:
