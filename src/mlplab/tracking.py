@@ -120,7 +120,7 @@ def open_experiment(uri: str, name: str):
     """(MlflowClient, experiment id), creating the store and the experiment if needed:
     under the store's lock, so processes started together never race to create them.
     Once per process (a sweep's trials would wait on the lock and the lookup, ~0.1 s
-    each); `run` looks again if the store or the experiment was replaced since."""
+    each); a failure is not kept, so the courier's next attempt opens it again."""
 
     def get_or_create():  # a worker on another machine may create it meanwhile
         exp = client_.get_experiment_by_name(name)
