@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlplab import spool, tracking
 from tests.conftest import REPO, skip_or_fail
-from tests.test_servers import MlflowServer, Unavailable, tiny_search
+from tests.test_servers import MlflowServer, Unavailable, _all_runs, tiny_search
 
 # the goals: MLPLAB_MLFLOW_OUTAGE_SECONDS=240 (and 1800) pytest -k outlives
 OUTAGE = float(os.environ.get("MLPLAB_MLFLOW_OUTAGE_SECONDS", 8))
@@ -59,9 +59,7 @@ def _wait_for(condition, what: str, proc=None, log: Path | None = None, seconds=
 
 
 def _runs(url: str) -> list:
-    client = MlflowClient(url)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, max_results=1000) if ids else []
+    return _all_runs(MlflowClient(url))
 
 
 def _history(url: str, run_id: str, key: str) -> list[tuple]:

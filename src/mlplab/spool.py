@@ -263,9 +263,7 @@ def _one_run(client, experiment_id: str, spool_id: str) -> str:
     have sent the create twice (a retry after a lost answer): the others are deleted."""
     from mlflow.entities import ViewType
 
-    runs = sorted(r.info.run_id for r in tracking.with_retries(lambda: client.search_runs(
-        [experiment_id], filter_string=f"tags.`{SPOOL_TAG}` = '{spool_id}'",
-        run_view_type=ViewType.ACTIVE_ONLY)))
+    runs = sorted(_tagged(client, experiment_id, spool_id, ViewType.ACTIVE_ONLY))
     for extra in runs[1:]:
         tracking.with_retries(lambda r=extra: client.delete_run(r))
     return runs[0]
@@ -274,10 +272,15 @@ def _one_run(client, experiment_id: str, spool_id: str) -> str:
 def _find(client, experiment_id: str, spool_id: str) -> str | None:
     from mlflow.entities import ViewType
 
-    runs = tracking.with_retries(lambda: client.search_runs(
+    runs = _tagged(client, experiment_id, spool_id, ViewType.ALL, max_results=1)
+    return runs[0] if runs else None
+
+
+def _tagged(client, experiment_id: str, spool_id: str, view, **kwargs) -> list[str]:
+    """The ids of the runs tagged with `spool_id`."""
+    return [r.info.run_id for r in tracking.with_retries(lambda: client.search_runs(
         [experiment_id], filter_string=f"tags.`{SPOOL_TAG}` = '{spool_id}'",
-        run_view_type=ViewType.ALL, max_results=1))
-    return runs[0].info.run_id if runs else None
+        run_view_type=view, **kwargs))]
 
 
 def _write_metrics(client, state: dict, batch: list, offset: int, folder: Path) -> None:
