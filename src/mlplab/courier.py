@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 MIN_DELAY, MAX_DELAY = 1.0, 30.0  # seconds between attempts while the store is away
 BATCH_SECONDS = 2.0  # metrics that come within this long go to the store in one write
 # MLflow's answers that no retry will change: such a record is set aside, not retried
-REFUSALS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
-            "BAD_REQUEST")
+# (not BAD_REQUEST: a server says so of a step repeated after a cut-off answer)
+REFUSALS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE")
 REJECTED = ".rejected"  # a set-aside spool's folder ends so; rejected.txt says why
 
 
@@ -82,7 +82,8 @@ class Courier:
                 if while_reachable and self.failing:
                     break
                 self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-        return sum(pending_ops(s.folder) for s in spools if not s.done)
+        # a spool set aside is not delivered: its run ends as not recorded
+        return sum(pending_ops(s.folder) for s in spools if not s.done or s.rejected)
 
     def folders(self) -> set[Path]:
         """The folders of the spools this process has yet to deliver."""
@@ -140,6 +141,7 @@ class Courier:
                     return first_line(err)
                 spool.release()
                 spool.folder, spool.done = set_aside(spool.folder, err), True
+                spool.rejected = True
                 continue
             spool.run_id, spool.experiment_id = state["run_id"], state["experiment_id"]
             if state["ended"]:

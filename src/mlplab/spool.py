@@ -71,6 +71,7 @@ class Spool:
         self._files = 0
         self.ended = False
         self.done = False  # the whole record is in the store (set by the courier)
+        self.rejected = False  # ... or the store refused it: it was set aside
         self.run_id: str | None = None  # once the run is in the store
         self.experiment_id: str | None = None
         self.on_write = lambda closing: None  # the courier's wake-up (courier.add)
@@ -353,8 +354,9 @@ def _ended_after(client, run_id: str, time_ms: int) -> bool:
 
 
 def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str) -> None:
-    """The network as a pyfunc model of the run, unless the run has it already; a model
-    left PENDING by a delivery killed half way is completed, not logged twice."""
+    """The network as a pyfunc model of the run, unless the run has it already. A model
+    left PENDING by a delivery cut off half way (its link to the run may be made
+    already, and cannot be made twice) is deleted and logged afresh."""
     import mlflow
     import numpy as np
     from mlflow.entities import LoggedModelStatus
@@ -366,7 +368,9 @@ def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str)
         [exp_id], filter_string=f"source_run_id = '{run_id}' AND name = '{pyfunc_model.NAME}'"))
     if any(m.status == LoggedModelStatus.READY for m in logged):
         return
-    model = logged[0] if logged else tracking.with_retries(lambda: client.create_logged_model(
+    for pending in logged:
+        tracking.with_retries(lambda m=pending: client.delete_logged_model(m.model_id))
+    model = tracking.with_retries(lambda: client.create_logged_model(
         exp_id, name=pyfunc_model.NAME, source_run_id=run_id,
         params=client.get_run(run_id).data.params))
     # MLflow writes a model's files through its fluent API, which uses the global URI
