@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,7 @@ def test_a_record_delivered_late_does_not_overwrite_a_newer_end(tmp_path):
     tracking.open_experiment(uri, "late")
     old = spool.Spool(tmp_path, "resumed-run", uri, "late")
     old.end("KILLED")  # the first attempt, interrupted; its spool stays on disk
+    time.sleep(0.01)  # end times are in milliseconds: the resumed run ends later
     new = spool.Spool(tmp_path, "resumed-run", uri, "late")
     new.end("FINISHED")
     state = spool.deliver(new.folder)
