@@ -11,7 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _samplers
-from hydra_plugins.mlplab_optuna_sweeper._studies import SeededPerTrial, trial_seed
+from hydra_plugins.mlplab_optuna_sweeper._rules import trial_seed
+from hydra_plugins.mlplab_optuna_sweeper._studies import SeededPerTrial
 from mlplab import optuna_storage
 from mlplab.config import ConfigError
 
@@ -96,37 +97,6 @@ def test_under_hyperband_the_start_up_fits_the_smallest_bracket_a_sampler_sees()
 
 # --- several objectives: the front and the rule that picks from it --------------------
 
-def _done(number, *values):
-    trial = optuna.trial.create_trial(
-        params={"x": float(number)},
-        distributions={"x": optuna.distributions.FloatDistribution(0, 99)},
-        values=list(values))
-    trial.number = number
-    return trial
-
-
-def test_the_pareto_front_keeps_the_trials_no_other_beats_in_every_objective():
-    from hydra_plugins.mlplab_optuna_sweeper._records import pareto_front
-
-    trials = [_done(0, 0.50, 100), _done(1, 0.55, 400), _done(2, 0.45, 300),
-              _done(3, 0.54, 200), _done(4, 0.55, 500)]
-    # maximise accuracy, minimise size: 2 is beaten by 0 (and 3); 4 by 1
-    front = pareto_front(trials, ["maximize", "minimize"])
-    assert [t.number for t in front] == [1, 3, 0], "best first objective first"
-
-
-def test_the_final_rule_takes_the_best_second_objective_within_the_tolerance_of_the_first():
-    from hydra_plugins.mlplab_optuna_sweeper._records import front_pick, pareto_front
-
-    directions = ["maximize", "minimize"]
-    front = pareto_front([_done(0, 0.50, 100), _done(1, 0.55, 400), _done(3, 0.54, 200)],
-                         directions)
-    assert front_pick(front, directions, 0.0).number == 1  # the most accurate
-    assert front_pick(front, directions, 0.01).number == 3  # smaller, 0.01 below
-    assert front_pick(front, directions, 0.1).number == 0  # the smallest of them all
-    assert front_pick([], directions, 0.0) is None
-
-
 # --- settings refused before a search starts ------------------------------------------
 
 def test_a_sampler_whose_packages_are_missing_is_refused_not_left_to_fail_after_its_start_up():
@@ -150,7 +120,7 @@ def test_settings_the_sweeper_cannot_honour_are_refused_with_the_key_and_what_is
         setting, message):
     from omegaconf import OmegaConf
 
-    from hydra_plugins.mlplab_optuna_sweeper._driver import check
+    from hydra_plugins.mlplab_optuna_sweeper._settings import check
     from hydra_plugins.mlplab_optuna_sweeper.config import MlplabOptunaSweeperConf
 
     s = OmegaConf.merge(OmegaConf.structured(MlplabOptunaSweeperConf), setting)

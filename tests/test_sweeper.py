@@ -20,9 +20,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.mlplab_optuna_sweeper import _parallel, _space
-from hydra_plugins.mlplab_optuna_sweeper._driver import narrowed
-from hydra_plugins.mlplab_optuna_sweeper._records import Candidate, StageRecord, choose
-from hydra_plugins.mlplab_optuna_sweeper._studies import trial_seed
+from hydra_plugins.mlplab_optuna_sweeper._rules import (
+    StageRecord,
+    trial_seed,
+)
 from mlplab import threads, trainer
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import main
@@ -54,40 +55,6 @@ def test_a_later_override_of_a_searched_key_wins_so_the_command_line_beats_the_s
     assert params == [] and fixed == ["lam=0.01"]
     params, _ = _space.parse(["lam=0.01", "lam=interval(0.1, 0.2)"])
     assert params[0].distribution == FloatDistribution(0.1, 0.2)
-
-
-def test_narrowing_spans_the_best_values_of_log_parameters_widened_by_the_margin():
-    params, _ = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))", "x=interval(0, 1)"])
-    best = [{"lam": 1e-3, "x": 0.2}, {"lam": 4e-3, "x": 0.9}, {"lam": 2e-3, "x": 0.5}]
-    exact = {p.name: p.distribution for p in _space.narrow(params, best, margin=0.0)}
-    assert (exact["lam"].low, exact["lam"].high) == (1e-3, 4e-3) and exact["lam"].log
-    assert exact["x"] == FloatDistribution(0.0, 1.0)  # linear parameters keep their range
-    wide = {p.name: p.distribution for p in _space.narrow(params, best, margin=1.0)}
-    assert wide["lam"].low == pytest.approx(1e-4) and wide["lam"].high == pytest.approx(4e-2)
-    clipped = _space.narrow(params, best, margin=3.0)[0].distribution
-    assert (clipped.low, clipped.high) == (1e-5, 1e-1)  # never beyond the previous stage
-
-
-def test_a_stage_left_with_one_complete_trial_by_its_pruner_is_not_narrowed_to_a_point(
-        caplog):
-    params, _ = _space.parse(["lam=tag(log, interval(1e-5, 1e-1))"])
-    dist = params[0].distribution
-    trials = [optuna.trial.create_trial(params={"lam": lam}, distributions={"lam": dist},
-                                        value=value, state=state)
-              for lam, value, state in [(1e-3, 0.52, TrialState.COMPLETE),
-                                        (1e-4, 0.40, TrialState.PRUNED),
-                                        (4e-3, 0.42, TrialState.PRUNED)]]
-    last = StageRecord("0", params, trials)
-    assert narrowed(last, top_k=3, margin=0.0, maximize=True) == params
-    trials[1] = optuna.trial.create_trial(params={"lam": 1e-4}, value=0.5,
-                                          distributions={"lam": dist})
-    [lam] = narrowed(StageRecord("0", params, trials), 3, 0.0, True)
-    assert (lam.distribution.low, lam.distribution.high) == (1e-4, 1e-3)
-    assert "top_k=3 takes all 2 complete trials (1 pruned)" in caplog.text
-    caplog.clear()
-    narrowed(StageRecord("0", params, trials[:2]), 3, 0.0, True)  # none pruned
-    narrowed(StageRecord("0", params, [*trials, trials[0]]), 2, 0.0, True)  # 3 complete
-    assert "takes all" not in caplog.text
 
 
 def test_the_shipped_search_composes_the_reports_protocol():
@@ -401,18 +368,6 @@ def test_a_bad_pruner_or_sampler_setting_is_refused_before_anything_is_recorded(
                                                      *bad.split()))
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert _no_runs(tracking_uri) and not (tmp_path / "optuna.log").exists()
-
-
-def test_the_final_step_chooses_the_best_mean_over_seeds_not_the_best_single_run():
-    lucky = Candidate({"lam": 1e-3}, val=[0.60, 0.50], test=[0.58, 0.49])
-    steady = Candidate({"lam": 4e-3}, val=[0.57, 0.56], test=[0.55, 0.56])
-    assert choose([lucky, steady], maximize=True) is steady
-    assert choose([lucky, steady], maximize=False) is lucky
-    assert choose([Candidate({"lam": 1.0}, [], [])], maximize=True) is None
-    # a candidate whose second retrain failed or diverged is not compared on the other
-    broken = Candidate({"lam": 1e-2}, val=[0.61], test=[0.60])
-    assert choose([broken, steady], maximize=True) is steady
-    assert choose([broken, Candidate({"lam": 1.0}, [0.3], [0.3])], maximize=True) is broken
 
 
 def test_the_robust_final_step_retrains_the_top_m_with_seeds_and_logs_their_means(
@@ -908,7 +863,7 @@ def _two_objectives(tmp_path, tiny_cifar, tracking_uri, *extra):
 
 def test_several_objectives_give_a_pareto_front_on_the_parent_and_retrain_the_rules_pick(
         monkeypatch, tmp_path, tiny_cifar, tracking_uri):
-    from hydra_plugins.mlplab_optuna_sweeper._records import front_pick, pareto_front
+    from hydra_plugins.mlplab_optuna_sweeper._rules import front_pick, pareto_front
 
     # Ctrl-C in the fifth trial, then a resume
     overrides = _two_objectives(tmp_path, tiny_cifar, tracking_uri)

@@ -23,105 +23,34 @@ import statistics
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from mlplab import courier, plots, spool, tracking
 from mlplab.passwords import mask_password
 
+from ._rules import (
+    CHOOSE,
+    FINAL,
+    PRUNED_AT,
+    TEST_ACC,
+    Candidate,
+    StageRecord,
+    candidates,
+    choose,
+    first_value,
+    front_pick,
+    pareto_front,
+)
 from ._space import Param
 
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_spool_id"  # the parent run by its spool id
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
-FINAL = "final"
-CHOOSE = "choose"  # the final step's comparison in the last stage's setting
-TEST_ACC = "test_acc"  # the job's test accuracy, kept on its trial
-PRUNED_AT = "pruned_at"  # the update step a pruned trial stopped at
 TABLE_COLUMNS = ("stage", "number", "state", "value", TEST_ACC, PRUNED_AT)
 MAX_TAG_LENGTH = tracking.MAX_TAG_LENGTH
-
-
-@dataclass
-class StageRecord:
-    """What a stage left: its label (0, 1, ..., final), the space it searched and its
-    counted, finished trials."""
-
-    label: str
-    params: list[Param]
-    trials: list[FrozenTrial]
-    candidates: list[dict] | None = None  # the final step's: the params it retrained
-
-    def complete(self) -> list[FrozenTrial]:
-        return [t for t in self.trials if t.state == TrialState.COMPLETE]
-
-    def pruned(self) -> list[FrozenTrial]:
-        return [t for t in self.trials if t.state == TrialState.PRUNED]
-
-    def failed(self) -> list[FrozenTrial]:
-        return [t for t in self.trials if t.state == TrialState.FAIL]
-
-    def top(self, k: int, maximize: bool, distinct: bool = False) -> list[FrozenTrial]:
-        """The best k complete trials; `distinct`: the best of each configuration only
-        (a categorical space can repeat one)."""
-        ranked = sorted(self.complete(), key=first_value, reverse=maximize)
-        if distinct:
-            first = {}
-            for t in ranked:
-                first.setdefault(tuple(sorted(t.params.items())), t)
-            ranked = list(first.values())
-        return ranked[:k]
-
-
-@dataclass
-class Candidate:
-    """One configuration of the final step and its retrains' accuracies (one per seed)."""
-
-    params: dict
-    val: list[float]
-    test: list[float]
-
-    @staticmethod
-    def spread(values: list[float]) -> float | None:
-        """Sample standard deviation over seeds; None below two."""
-        return statistics.stdev(values) if len(values) > 1 else None
-
-
-def candidates(final: StageRecord) -> list[Candidate]:
-    """The final step's candidates, in rank order of the last stage, each with the
-    accuracies of its complete retrains (the newest per seed)."""
-    newest: dict[tuple, FrozenTrial] = {}
-    for t in sorted(final.complete(), key=lambda t: t.number):
-        newest[tuple(sorted(t.params.items()))] = t
-    out = []
-    for params in final.candidates or []:
-        runs = [t for t in newest.values()
-                if all(t.params.get(k) == v for k, v in params.items())]
-        out.append(Candidate(params, [first_value(t) for t in runs],
-                             [t.user_attrs[TEST_ACC] for t in runs
-                              if TEST_ACC in t.user_attrs]))
-    return out
-
-
-def choose(cands: list[Candidate], maximize: bool) -> Candidate | None:
-    """The candidate with the best mean validation accuracy (test plays no part) among
-    those with the most complete retrains: one whose retrain failed or diverged is
-    compared only when every candidate lost one."""
-    most = max((len(c.val) for c in cands), default=0)
-    scored = [c for c in cands if c.val and len(c.val) == most]
-    if not scored:
-        return None
-    sign = 1 if maximize else -1
-    return max(scored, key=lambda c: sign * statistics.fmean(c.val))
-
-
-def winner(compared: StageRecord, maximize: bool) -> dict:
-    """The params a choose step chose (a lone candidate is chosen uncompared)."""
-    chosen = choose(candidates(compared), maximize)
-    return chosen.params if chosen is not None else compared.candidates[0]
 
 
 class ParentRun:
@@ -348,45 +277,6 @@ class ParentRun:
 
     def _artifact(self, path: Path) -> None:
         self.spool.artifact(path)
-
-
-def first_value(t: FrozenTrial) -> float | None:
-    """A trial's value, or its first objective's (FrozenTrial.value refuses several)."""
-    return t.values[0] if t.values else None
-
-
-def _signs(directions: list[str]) -> list[int]:
-    """+1 per objective to maximise, -1 per one to minimise: larger signed is better."""
-    return [1 if d == "maximize" else -1 for d in directions]
-
-
-def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
-    """The complete trials no other complete trial beats in every objective (at least
-    as good in all, better in one), sorted by the first objective, best first."""
-    signs = _signs(directions)
-    scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)])
-              for t in trials if t.state == TrialState.COMPLETE]
-
-    def beaten(a):
-        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a
-                   for _, b in scored)
-
-    front = [t for t, a in scored if not beaten(a)]
-    return sorted(front, key=lambda t: (-signs[0] * t.values[0], t.number))
-
-
-def front_pick(front: list[FrozenTrial], directions: list[str],
-               tolerance: float) -> FrozenTrial | None:
-    """The final step's rule: among the front members within `tolerance` of the best
-    first objective, the best in the second (then the third, ...)."""
-    if not front:
-        return None
-    signs = _signs(directions)
-    best = front[0].values[0]
-    # (a hair of slack: 0.55 - 0.54 is 0.0100000001 in floats, and within 0.01)
-    near = [t for t in front if signs[0] * (best - t.values[0]) <= tolerance + 1e-12]
-    return max(near, key=lambda t: ([s * v for s, v in zip(signs[1:], t.values[1:],
-                                                           strict=True)], -t.number))
 
 
 def run_name(stage: str, number: int, params: dict | None = None) -> str:

@@ -14,7 +14,6 @@ best trials.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +34,8 @@ from optuna.distributions import (
 )
 
 from mlplab.config import ConfigError
+
+from ._rules import is_log, is_numeric
 
 SEED = "train.seed"  # the final step's retrains differ by it
 
@@ -58,11 +59,11 @@ class Param:
 
     @property
     def log(self) -> bool:
-        return bool(getattr(self.distribution, "log", False))
+        return is_log(self.distribution)
 
     @property
     def numeric(self) -> bool:
-        return isinstance(self.distribution, (FloatDistribution, IntDistribution))
+        return is_numeric(self.distribution)
 
 
 def parse(arguments: Sequence[str]) -> tuple[list[Param], list[str]]:
@@ -204,28 +205,6 @@ def point(pinned_params: Iterable[Param]) -> dict:
     return {p.name: p.distribution.choices[0]
             if isinstance(p.distribution, CategoricalDistribution) else p.distribution.low
             for p in pinned_params}
-
-
-def narrow(params: Iterable[Param], best: Sequence[dict], margin: float) -> list[Param]:
-    """Coarse to fine: each log-scaled parameter's interval becomes the span of its
-    values in `best` (the top trials' params), widened by `margin` decades on each
-    side and kept inside the old interval. Other parameters stay as they are."""
-    out = []
-    for p in params:
-        d = p.distribution
-        values = [b[p.name] for b in best if p.name in b]
-        if not (p.log and p.numeric and values):
-            out.append(p)
-            continue
-        widen = 10.0 ** margin  # margin 0 keeps the best values exactly at the ends
-        low, high = max(d.low, min(values) / widen), min(d.high, max(values) * widen)
-        if isinstance(d, IntDistribution):
-            low, high = max(d.low, math.floor(low)), min(d.high, math.ceil(high))
-            narrowed = IntDistribution(low, high, log=True)
-        else:
-            narrowed = FloatDistribution(low, high, log=True)
-        out.append(Param(p.name, p.key, narrowed))
-    return out
 
 
 def describe(p: Param) -> str:

@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -35,26 +34,20 @@ from mlplab.config import ConfigError
 from mlplab.optuna_storage import Patient
 from mlplab.tracking import with_retries
 
+from . import _rules
+from ._rules import CARRIED
+
 log = logging.getLogger(__name__)
 
-FAILURE, HEARTBEAT, WORKER = "failure", "heartbeat", "worker"
-DROPPED = "dropped"  # why a FAIL trial does not count (interrupted, over the budget, ...)
-CARRIED = "carried_from"  # a trial copied from an earlier stage: information, not budget
+HEARTBEAT, WORKER = "heartbeat", "worker"
 READY = "ready"  # a stage study's attribute: its creator has put its first trials in
 READY_WAIT_SECONDS = 30.0
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def trial_seed(seed: int, stage: int, number: int) -> int:
-    """A sampler seed per (sweep seed, stage, trial number): a re-run or a second
-    worker doesn't replay the first one's draws, and one worker is reproducible."""
-    return int(np.random.SeedSequence([seed, stage, number]).generate_state(1)[0])
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):
@@ -137,9 +130,7 @@ def best_points(storage, name: str, top: int | None) -> list[dict]:
                 if t.state == TrialState.COMPLETE and CARRIED not in t.user_attrs]
     directions = [d.name.lower() for d in study.directions]
     if len(directions) > 1:
-        from ._records import pareto_front  # best first objective first
-
-        ranked = pareto_front(complete, directions)
+        ranked = _rules.pareto_front(complete, directions)
     else:
         sign = -1 if directions[0] == "maximize" else 1
         ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
@@ -182,16 +173,8 @@ class Ledger:
             self.on_stale(stale)
         return self.study.get_trials(deepcopy=False)
 
-    @staticmethod
-    def counts(t: FrozenTrial) -> bool:
-        if CARRIED in t.user_attrs:
-            return False
-        return (t.state in COUNTED_STATES
-                or (t.state == TrialState.FAIL and FAILURE in t.user_attrs))
-
-    def counted(self, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:
-        trials = self.trials() if trials is None else trials
-        return sorted((t for t in trials if self.counts(t)), key=lambda t: t.number)
+    def counted(self) -> list[FrozenTrial]:
+        return _rules.counted(self.trials())
 
     def finished(self) -> list[FrozenTrial]:
         """Counted trials that are done: the stage's record."""
