@@ -3,7 +3,7 @@
     python bench/bench_epoch.py [--repeats 7] [--torch] [--data PATH --md5 MD5]
 
 For each network it times one epoch over 45,000 CIFAR-sized rows at batch 100
-through `mlplab.trainer.train` itself (shuffle, batching and the update steps; the
+through `mlplab.engine.trainer.train` itself (shuffle, batching and the update steps; the
 evaluation is timed separately), and in the same run the matrix products alone: the
 work no trainer can skip. For the plain-SGD nets that floor is layer 1's products
 (forward X_b @ W1 and backward X_b^T @ dS1 for every batch). For the toolbox net
@@ -13,7 +13,7 @@ input-gradient products; its augmentation and optimiser steps are also timed alo
 beside the least time those steps' memory traffic takes at this machine's bandwidth.
 `epoch / products` says how close to its floor the trainer is. "app's run" times the
 same epoch as a run of the app trains it (`python train.py`): BLAS threads by
-`mlplab.threads`' rule, the training curve on the config's default 5,000 rows; its
+`mlplab.engine.threads`' rule, the training curve on the config's default 5,000 rows; its
 ratio to the plain epoch (BLAS's own threads, the whole split) shows no run got slower.
 With --torch (and PyTorch installed: `pip install torch==2.13.0`, for the bench only)
 an eager PyTorch loop doing the same updates is timed too; for the toolbox net it
@@ -34,8 +34,8 @@ from statistics import median
 
 import numpy as np
 
-from mlplab import augment, data, network, optim, schedules, trainer
-from mlplab.threads import available_cores
+from mlplab.engine import augment, data, network, optim, schedules, trainer
+from mlplab.engine.threads import available_cores
 
 N_TRAIN, N_VAL, BATCH, D, K = 45_000, 5_000, 100, 3072, 10
 NETWORKS = {  # name: (hidden sizes, batch norm)

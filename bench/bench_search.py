@@ -147,7 +147,7 @@ def fill_data_cache(search: str, extra: list[str]) -> None:
     """Build the shared data cache of every setting the search trains in."""
     from hydra import compose, initialize_config_dir
 
-    from mlplab import experiment
+    from mlplab.app import experiment
     from mlplab.commands.common import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -1,5 +1,5 @@
 """How an epoch's update steps and an evaluation scale with BLAS threads: the measurement
-behind `mlplab.threads`' rule.
+behind `mlplab.engine.threads`' rule.
 
     python bench/bench_threads.py [--repeats 5] [--threads 1,2]
 
@@ -21,7 +21,7 @@ from statistics import median
 from bench_epoch import NETWORKS, TOOLBOX_HIDDEN, mlplab_epoch, synthetic_dataset
 from threadpoolctl import threadpool_limits
 
-from mlplab import threads
+from mlplab.engine import threads
 
 CASES = {**NETWORKS, "toolbox net": (TOOLBOX_HIDDEN, True)}
 CASES.pop("9-layer BN")

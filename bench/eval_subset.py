@@ -21,9 +21,10 @@ import math
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from mlplab import network, plots, trainer
+from mlplab.app import plots
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import prepare
+from mlplab.engine import network, trainer
 
 
 def both_curves(name: str, rows: int) -> list[dict]:

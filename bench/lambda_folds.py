@@ -36,11 +36,12 @@ import time
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from mlplab import experiment, network
+from mlplab.app import experiment
+from mlplab.app.config import ConfigError
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import prepare
-from mlplab.config import ConfigError
-from mlplab.data import DataError
+from mlplab.engine import network
+from mlplab.engine.data import DataError
 
 
 def folds(text: str) -> list[int]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import data
 from mlplab.commands.train import run_experiment
+from mlplab.engine import data
 
 from .conftest import TINY_ROWS
 
@@ -77,7 +77,7 @@ def test_run_name_and_extra_tags_reach_the_run(make_cfg, tracking_uri):
 
 def test_runs_share_the_machines_standardised_data_checked_once_per_process(
         make_cfg, monkeypatch):
-    from mlplab import datacache
+    from mlplab.engine import datacache
 
     reads, checks = [], []
     raw, crc = data._raw_cifar10, datacache.crc32

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlplab import augment, checks, data
+from mlplab.engine import augment, checks, data
 
 SHAPE = augment.CIFAR_IMAGE_SHAPE
 

@@ -10,8 +10,9 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import tracking, trainer
+from mlplab.app import tracking
 from mlplab.commands import train as train_command
+from mlplab.engine import trainer
 from tests.conftest import REPO
 
 TINY = ["model.layers=[8]", "train.batch_size=10", "schedule.n_s=6", "train.progress=false"]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from mlplab.app.config import ConfigError
+from mlplab.app.experiment import build_dataset
 from mlplab.commands.train import run_experiment
-from mlplab.config import ConfigError
-from mlplab.data import DataError
-from mlplab.experiment import build_dataset
+from mlplab.engine.data import DataError
 
 
 @pytest.mark.parametrize("override, message", [

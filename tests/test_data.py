@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlplab import data, datacache
+from mlplab.engine import data, datacache
 from tests.conftest import TINY_ROWS, write_cifar_archive
 
 
@@ -353,7 +353,7 @@ def test_a_damaged_cache_is_rebuilt_never_used(tiny_cifar, tmp_path, caplog, dam
     _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     folder = _cache_folder(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     damage(folder)
-    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+    with caplog.at_level(logging.WARNING, logger="mlplab.engine.datacache"):
         rebuilt = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     [warning] = caplog.records
     assert warning.levelno == logging.WARNING
@@ -362,7 +362,7 @@ def test_a_damaged_cache_is_rebuilt_never_used(tiny_cifar, tmp_path, caplog, dam
     _assert_bit_identical(rebuilt, _load(tiny_cifar, tmp_path, shared_cache=False,
                                          **FOLD_OPTIONS))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+    with caplog.at_level(logging.WARNING, logger="mlplab.engine.datacache"):
         _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     assert not caplog.records  # whole again
 
@@ -370,7 +370,7 @@ def test_a_damaged_cache_is_rebuilt_never_used(tiny_cifar, tmp_path, caplog, dam
 LOAD_WHEN_TOLD = """
 import sys, time, zlib
 from pathlib import Path
-from mlplab import data, datacache
+from mlplab.engine import data, datacache
 url, md5, root, go = sys.argv[1:]
 while not Path(go).exists():  # a start line: both processes find no cache at once
     time.sleep(0.001)
@@ -400,7 +400,7 @@ def test_two_processes_building_at_once_end_with_one_valid_cache(tiny_cifar, tmp
     folder = _cache_folder(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name,
                                                                folder.name + ".lock"]
-    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+    with caplog.at_level(logging.WARNING, logger="mlplab.engine.datacache"):
         ds = _load(tiny_cifar, tmp_path, **FOLD_OPTIONS)
     assert not caplog.records  # the cache they left is whole
     ino, mtime = _manifest_identity(folder)
@@ -432,7 +432,7 @@ def test_a_cache_made_from_other_meta_is_stale_and_rebuilt(tmp_path, caplog):
     folder = tmp_path / "key"
     first = datacache.load_or_build(folder, {"v": 1}, ["a"], lambda: build(1))
     assert datacache.load_or_build(folder, {"v": 1}, ["a"], lambda: build(9))["a"][0] == 1
-    with caplog.at_level(logging.WARNING, logger="mlplab.datacache"):
+    with caplog.at_level(logging.WARNING, logger="mlplab.engine.datacache"):
         second = datacache.load_or_build(folder, {"v": 2}, ["a"], lambda: build(2))
     assert builds == [1, 2] and "is for {'v': 1}" in caplog.text
     assert list(first["a"]) == [1, 1, 1] and list(second["a"]) == [2, 2, 2]

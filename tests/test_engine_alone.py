@@ -1,17 +1,26 @@
-"""The engine is plain Python + NumPy: usable from a notebook without Hydra or MLflow."""
+"""The engine (every module in src/mlplab/engine/) is plain Python + NumPy: usable
+from a notebook without Hydra, MLflow, Optuna or matplotlib."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-ENGINE_ONLY = """
+import mlplab.engine
+
+ENGINE_DIR = Path(mlplab.engine.__file__).parent
+BLOCKED = ("hydra", "omegaconf", "mlflow", "optuna", "matplotlib")
+BLOCK = f"""
 import sys
-for name in ("hydra", "omegaconf", "mlflow", "optuna", "matplotlib"):
+for name in {BLOCKED!r}:
     sys.modules[name] = None  # any import of these now raises ImportError
+"""
+
+ENGINE_ONLY = BLOCK + """
 
 import numpy as np
-from mlplab import data, network, schedules, trainer
+from mlplab.engine import data, network, schedules, trainer
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((200, 12), dtype=np.float32)
@@ -31,3 +40,13 @@ def test_the_engine_imports_and_trains_without_hydra_or_mlflow():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("trained 24")
+
+
+def test_every_module_in_the_engine_folder_imports_without_the_app_layers_libraries():
+    modules = sorted(p.stem for p in ENGINE_DIR.glob("*.py") if p.stem != "__init__")
+    assert {"data", "network", "trainer", "gradcheck"} <= set(modules)
+    code = BLOCK + "".join(f"import mlplab.engine.{m}\n" for m in modules) + "print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -7,9 +7,9 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from mlplab import schedules
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import run_experiment
+from mlplab.engine import schedules
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ASSIGNMENT3 = {"lam": 0.005, "schedule.name": "clr", "schedule.eta_min": 1e-5,
@@ -101,7 +101,7 @@ def test_experiment_composes_and_trains_a_few_steps(tiny_experiment, tracking_ur
 @pytest.mark.parametrize("ablation", ["augment=none", "optimizer=sgd", "model.dropout=0.1",
                                       "model.layers=[512,512]", "train.label_smoothing=0"])
 def test_best_mlp_ablations_are_one_override_and_change_nothing_else(make_cfg, ablation):
-    from mlplab import experiment
+    from mlplab.app import experiment
 
     full = OmegaConf.to_container(_published_cfg(make_cfg, "best_mlp"))
     cfg = make_cfg("experiment=best_mlp", "train.batch_size=100", ablation)

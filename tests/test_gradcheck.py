@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import data, gradcheck, layers, network
+from mlplab.app.config import ConfigError
 from mlplab.commands import gradcheck as command
-from mlplab.config import ConfigError
+from mlplab.engine import data, gradcheck, layers, network
 
 NINE_LAYERS = [50, 30, 20, 20, 10, 10, 10, 10]  # the reports' 9-layer net
 D = 10  # input dimensions of the checked problems: enough to mix, fast to difference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlplab import layers
+from mlplab.engine import layers
 
 
 def test_affine_forward_is_xW_plus_b_and_backward_returns_the_three_gradients():

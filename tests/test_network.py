@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlplab import network
+from mlplab.engine import network
 
 
 def test_parameters_have_one_weight_per_layer_and_bn_replaces_hidden_biases():

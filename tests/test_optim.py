@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from mlplab import checks, optim
+from mlplab.engine import checks, optim
 
 
 def _one(value):

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from mlplab import spool, tracking
+from mlplab.app import spool, tracking
 from tests.conftest import REPO, skip_or_fail
 from tests.test_servers import MlflowServer, Unavailable, _all_runs, tiny_search
 

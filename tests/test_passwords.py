@@ -8,9 +8,9 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mlplab import passwords, tracking
+from mlplab.app import passwords, tracking
+from mlplab.app.passwords import mask_password
 from mlplab.commands.common import CONF_DIR
-from mlplab.passwords import mask_password
 from tests.conftest import REPO
 
 SECRET = "s3cr:et"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image as mpimg
 import numpy as np
 
-from mlplab import plots
+from mlplab.app import plots
 
 
 def _history(n: int, scale: float) -> list[dict]:

@@ -9,7 +9,7 @@ import csv
 import pytest
 from mlflow import MlflowClient
 
-from mlplab import report, tracking
+from mlplab.app import report, tracking
 from mlplab.commands import report as report_command
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import run_experiment

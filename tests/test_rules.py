@@ -34,7 +34,7 @@ from hydra_plugins.mlplab_optuna_sweeper._rules import (
     verdict,
     within_budget,
 )
-from mlplab.checks import ArgumentError
+from mlplab.engine.checks import ArgumentError
 from mlplab.trial import Outcome
 
 LAM = FloatDistribution(1e-5, 1e-1, log=True)

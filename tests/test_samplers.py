@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 from hydra_plugins.mlplab_optuna_sweeper import _samplers
 from hydra_plugins.mlplab_optuna_sweeper._rules import trial_seed
 from hydra_plugins.mlplab_optuna_sweeper._studies import SeededPerTrial
-from mlplab import optuna_storage
-from mlplab.config import ConfigError
+from mlplab.app import optuna_storage
+from mlplab.app.config import ConfigError
 
 TPE = "optuna.samplers.TPESampler"
 

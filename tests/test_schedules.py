@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlplab import checks, schedules
+from mlplab.engine import checks, schedules
 
 
 def test_cyclical_rate_is_min_at_cycle_starts_and_max_at_half_cycles():

@@ -24,9 +24,9 @@ from hydra_plugins.mlplab_optuna_sweeper._rules import (
     StageRecord,
     trial_seed,
 )
-from mlplab import threads, trainer
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import main
+from mlplab.engine import threads, trainer
 
 STUDY = "c2f"
 

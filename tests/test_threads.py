@@ -6,7 +6,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from hydra_plugins.mlplab_optuna_sweeper import _parallel
-from mlplab import threads
+from mlplab.engine import threads
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -31,7 +31,7 @@ def test_update_steps_get_threads_by_their_work_evaluation_gets_all(sizes, cores
 
 
 def _blas() -> int:
-    """The BLAS limit as threadpoolctl reads it, independently of mlplab.threads."""
+    """The BLAS limit as threadpoolctl reads it, independently of mlplab.engine.threads."""
     return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlplab import tracking
+from mlplab.app import tracking
 
 
 def test_uri_defaults_to_mlflow_db_in_the_current_folder(monkeypatch, tmp_path):
@@ -106,7 +106,7 @@ def test_a_tracked_run_works_where_fcntl_does_not_exist(tmp_path):
         "import sys, warnings",
         "sys.modules['fcntl'] = None  # `import fcntl` now raises ImportError",
         "warnings.simplefilter('ignore')  # filelock says it falls back to its own lock",
-        "from mlplab import tracking",
+        "from mlplab.app import tracking",
         f"with tracking.run(uri={uri!r}, experiment='nofcntl', spool_root={str(tmp_path)!r},",
         "                  wait_seconds=60) as run:",
         "    run.log_metrics({'x': 1.0}, step=0)",
@@ -123,7 +123,7 @@ def test_a_record_delivered_late_does_not_overwrite_a_newer_end(tmp_path):
     finished leaves it FINISHED."""
     from mlflow import MlflowClient
 
-    from mlplab import spool
+    from mlplab.app import spool
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.open_experiment(uri, "late")
@@ -142,7 +142,7 @@ def test_a_record_delivered_late_does_not_overwrite_a_newer_end(tmp_path):
 def test_a_record_the_store_refuses_is_set_aside_and_the_others_go_on(tmp_path, caplog):
     from mlflow import MlflowClient
 
-    from mlplab import courier
+    from mlplab.app import courier
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking.run(uri=uri, experiment="refused", spool_root=tmp_path,
@@ -163,7 +163,7 @@ def test_a_create_sent_twice_leaves_one_run(tmp_path, monkeypatch):
     run of the two the store made."""
     from mlflow import MlflowClient
 
-    from mlplab import spool
+    from mlplab.app import spool
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)

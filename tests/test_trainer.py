@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlplab import augment, checks, data, layers, network, optim, schedules, threads, trainer
+from mlplab.engine import augment, checks, data, layers, network, optim, schedules, threads, trainer
 
 from .test_optim import _old_sgd_update
 

@@ -89,7 +89,7 @@ def reporter(trial: TrialConfig | Any) -> Callable[[float, int], bool] | None:
         return None
     import optuna
 
-    from mlplab.optuna_storage import open_storage
+    from mlplab.app.optuna_storage import open_storage
 
     storage = open_storage(trial.storage)
     study = optuna.load_study(study_name=trial.study, storage=storage,

@@ -24,10 +24,11 @@ from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from mlplab import optuna_storage, threads, tracking
+from mlplab.app import optuna_storage, tracking
+from mlplab.app.config import ConfigError
+from mlplab.app.passwords import mask_password
 from mlplab.commands.common import terminate_as_interrupt
-from mlplab.config import ConfigError
-from mlplab.passwords import mask_password
+from mlplab.engine import threads
 from mlplab.trial import PRUNER_ATTR, make_pruner
 
 from . import _parallel, _pruning, _rules, _samplers, _space, _studies

@@ -11,10 +11,10 @@ from hydra.core.override_parser.types import Transformer
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from mlplab import optuna_storage
-from mlplab.config import ConfigError
-from mlplab.data import DataError
-from mlplab.passwords import mask_password
+from mlplab.app import optuna_storage
+from mlplab.app.config import ConfigError
+from mlplab.app.passwords import mask_password
+from mlplab.engine.data import DataError
 
 from . import _parallel, _rules, _space
 from ._records import MAX_TAG_LENGTH, ParentRun, run_name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mlplab.config import ConfigError
+from mlplab.app.config import ConfigError
 
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 # the knobs each pruner takes from hydra.sweeper.pruning

@@ -1,11 +1,11 @@
 """The sweep in MLflow: one parent run, every trial a child run, a summary at the end.
 
-The parent is written through a spool (mlplab.spool), as every run is, so a sweep
+The parent is written through a spool (mlplab.app.spool), as every run is, so a sweep
 never waits on the store nor loses its record while the store is away. It is known
 by its spool id, a user attribute of the sweep's Optuna study, so a second worker or
 a re-run attaches to the same parent.
 
-Contract with `mlplab.report`: the parent has tags mlplab.sweep=true, mlplab.study
+Contract with `mlplab.app.report`: the parent has tags mlplab.sweep=true, mlplab.study
 and best.<param> (the sweep's answer), artifacts trials.csv (stage, number, state,
 value, test_acc, pruned_at, one column per parameter) and
 accuracy_vs_<param>_stage<i>.png, metrics final_val_acc, final_test_acc (means over
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
-from mlplab import courier, plots, spool, tracking
-from mlplab.passwords import mask_password
+from mlplab.app import courier, plots, spool, tracking
+from mlplab.app.passwords import mask_password
 
 from ._rules import (
     CHOOSE,
@@ -54,7 +54,7 @@ MAX_TAG_LENGTH = tracking.MAX_TAG_LENGTH
 
 
 class ParentRun:
-    """The sweep's parent run, written through a spool (mlplab.spool) like every run:
+    """The sweep's parent run, written through a spool (mlplab.app.spool) like every run:
     a sweep goes on while the MLflow store is away and the parent reaches the store
     when it returns. It is known by its spool id, kept as a user attribute of the
     sweep's Optuna study, so a second worker or a re-run attaches to the same parent;

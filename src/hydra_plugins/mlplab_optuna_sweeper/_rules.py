@@ -24,7 +24,7 @@ import numpy as np
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.checks import positive_int
+from mlplab.engine.checks import positive_int
 from mlplab.trial import read_outcome
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.config import ConfigError
+from mlplab.app.config import ConfigError
 
 log = logging.getLogger(__name__)
 

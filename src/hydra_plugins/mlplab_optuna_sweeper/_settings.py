@@ -7,11 +7,11 @@ import logging
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from mlplab import optuna_storage
-from mlplab.checks import non_negative, positive, positive_int, require
-from mlplab.config import Config as MlplabConfig
-from mlplab.config import ConfigError, keyed
-from mlplab.experiment import validate as validate_config
+from mlplab.app import optuna_storage
+from mlplab.app.config import Config as MlplabConfig
+from mlplab.app.config import ConfigError, keyed
+from mlplab.app.experiment import validate as validate_config
+from mlplab.engine.checks import non_negative, positive, positive_int, require
 
 from . import _pruning, _rules, _samplers, _space, _studies
 from ._rules import Stage

@@ -33,7 +33,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from mlplab.config import ConfigError
+from mlplab.app.config import ConfigError
 
 from ._rules import is_log, is_numeric
 

@@ -30,9 +30,9 @@ import uuid
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.config import ConfigError
-from mlplab.optuna_storage import Patient
-from mlplab.tracking import with_retries
+from mlplab.app.config import ConfigError
+from mlplab.app.optuna_storage import Patient
+from mlplab.app.tracking import with_retries
 
 from . import _rules
 from ._rules import CARRIED

@@ -41,10 +41,10 @@ class MlplabOptunaSweeper(Sweeper):
         """Run the search. Like a single run, a bad config value or unusable data
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
-        from mlplab import tracking
+        from mlplab.app import tracking
+        from mlplab.app.config import ConfigError
         from mlplab.commands.common import PENDING_EXIT, exit_with, pending_line
-        from mlplab.config import ConfigError
-        from mlplab.data import DataError
+        from mlplab.engine.data import DataError
 
         from ._driver import Sweep, SweepFailed
 
@@ -76,8 +76,8 @@ class MlplabOptunaSweeper(Sweeper):
         """Wait up to tracking.wait_seconds for the store to have every run this
         process wrote (the trials' and the parent's); the records still waiting, with
         those other processes (a launcher's jobs, helpers) left in the sweep's folder."""
-        from mlplab import courier, spool
-        from mlplab.config import TrackingConfig
+        from mlplab.app import courier, spool
+        from mlplab.app.config import TrackingConfig
 
         if seconds is None:
             seconds = OmegaConf.select(self.config, "tracking.wait_seconds",

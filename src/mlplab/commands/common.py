@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mlplab import config, passwords, tracking
+from mlplab.app import config, passwords, tracking
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # ships inside the package
 PENDING_EXIT = 75  # EX_TEMPFAIL: the work is done, its record waits for the store
@@ -85,7 +85,7 @@ def run_tags(cfg: DictConfig, summary: str, data_fingerprint: str) -> dict[str, 
 
 class HidePasswords(Callback):
     """conf/config.yaml's `hydra.callbacks`: a password in a URL is masked in the config
-    of a run or a multirun before Hydra saves it (see mlplab.passwords). A multirun's
+    of a run or a multirun before Hydra saves it (see mlplab.app.passwords). A multirun's
     sweeper is made from the masked config, and its jobs composed from the masked
     overrides."""
 

@@ -8,7 +8,7 @@ The network of `model` (and `bn`) is built for the first `gradcheck.d` input
 dimensions of the configured dataset's first `gradcheck.n` training samples, in
 float64, with its b, gamma and beta moved off their initial values (gradcheck.jitter).
 Each parameter is judged on its entries whose differences cross no ReLU kink (see
-mlplab.gradcheck for why, and for how eps and the order are sized). The table, one
+mlplab.engine.gradcheck for why, and for how eps and the order are sized). The table, one
 row per W, b, gamma and beta, is printed and recorded as an MLflow run tagged
 mlplab.kind=gradcheck: metrics gradcheck.max_rel_err.<param> etc., and the table as
 the artifact gradcheck.md. Exit status: 0 every parameter passes, 1 some parameter
@@ -30,7 +30,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import config, experiment, gradcheck, network, passwords, tracking
+from mlplab.app import config, experiment, passwords, tracking
+from mlplab.app.config import ConfigError
+from mlplab.app.experiment import build_dataset
 from mlplab.commands.common import (
     CONF_DIR,
     exit_with,
@@ -39,9 +41,8 @@ from mlplab.commands.common import (
     run_tags,
     tracked_run,
 )
-from mlplab.config import ConfigError
-from mlplab.data import DataError
-from mlplab.experiment import build_dataset
+from mlplab.engine import gradcheck, network
+from mlplab.engine.data import DataError
 
 KIND = "gradcheck"  # value of the mlplab.kind tag
 TABLE_FILE = "gradcheck.md"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlplab import report, tracking
+from mlplab.app import report, tracking
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """Deliver the runs a store did not take to it: what a run or a sweep kept on disk
-while the MLflow store was away (mlplab.spool, mlplab.courier).
+while the MLflow store was away (mlplab.app.spool, mlplab.app.courier).
 
     mlplab-sync outputs/2026-12-06/10-31-07      # a run's folder, as its last line said
     mlplab-sync multirun/                         # every sweep under it
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlplab import courier, tracking
+from mlplab.app import courier, tracking
 from mlplab.commands.common import PENDING_EXIT
 
 

@@ -20,7 +20,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import data, experiment, network, passwords, threads, tracking, trainer, trial
+from mlplab import trial
+from mlplab.app import experiment, passwords, tracking
+from mlplab.app.config import ConfigError
 from mlplab.commands.common import (
     CONF_DIR,
     PENDING_EXIT,
@@ -31,8 +33,8 @@ from mlplab.commands.common import (
     terminate_as_interrupt,
     tracked_run,
 )
-from mlplab.config import ConfigError
-from mlplab.data import DataError, Dataset
+from mlplab.engine import data, network, threads, trainer
+from mlplab.engine.data import DataError, Dataset
 
 EXAMPLE_ROWS = 2  # raw test images logged as the model's input example
 PRUNED = "pruned"  # tag of a run its sweep stopped early: the update step it stopped at
@@ -145,7 +147,7 @@ def _log_outputs(run, resolved: dict, net: network.Network, ds: Dataset,
     """The config; with `log_plots` the curves figure and the class templates of a
     1-layer W (drawing them is a tenth of a second: a sweep's trials skip them); with
     `log_model` the network as a pyfunc model that takes raw images."""
-    from mlplab import plots
+    from mlplab.app import plots
 
     with tempfile.TemporaryDirectory(prefix="mlplab-run-") as tmp:
         folder = Path(tmp)

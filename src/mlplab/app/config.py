@@ -2,7 +2,7 @@
 
 OmegaConf enforces types while Hydra composes; `check_keys` refuses keys the schema
 does not know (Hydra lets `+key=value` add any). Values are checked by the engine
-itself (ArgumentError, see mlplab.checks); `keyed` turns those errors into a
+itself (ArgumentError, see mlplab.engine.checks); `keyed` turns those errors into a
 ConfigError naming the config key, so no check is written twice.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mlplab.checks import ArgumentError
-from mlplab.data import CIFAR10_MD5, CIFAR10_URL
+from mlplab.engine.checks import ArgumentError
+from mlplab.engine.data import CIFAR10_MD5, CIFAR10_URL
 from mlplab.trial import TrialConfig
 
 
@@ -139,7 +139,7 @@ class TrackingConfig:
     log_model: bool = True
     log_plots: bool = True  # curves.png (and a 1-layer net's class templates)
     parent_run_id: str | None = None
-    # set by the sweeper: its parent run by spool id (mlplab.spool), this run's own id
+    # set by the sweeper: its parent run by spool id (mlplab.app.spool), this run's own id
     parent_spool_id: str | None = None
     spool_id: str | None = None
     # how long a run that has ended waits for an unreachable store before it exits
@@ -234,7 +234,7 @@ def check_keys(cfg: DictConfig) -> None:
 
 def validate_gradcheck(cfg: DictConfig) -> None:
     """Check the `gradcheck` section (the command also runs experiment.validate)."""
-    from mlplab import gradcheck
+    from mlplab.engine import gradcheck
 
     g = cfg.gradcheck
     with keyed("gradcheck."):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import checks
+from mlplab.engine import checks
 
 AUGMENTS = ("none", "flip_translate")
 SETTINGS = {"none": (), "flip_translate": ("max_shift", "flip", "image_shape")}

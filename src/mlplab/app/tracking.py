@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from mlplab.passwords import mask_password, unmask
+from mlplab.app.passwords import mask_password, unmask
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
@@ -229,7 +229,7 @@ class Run:
             self.spool.tags(tags)
 
     def log_datasets(self, ds) -> None:
-        """The train/val/test splits of an mlplab.data.Dataset as MLflow dataset
+        """The train/val/test splits of an mlplab.engine.data.Dataset as MLflow dataset
         inputs; the data fingerprint is the digest, so nothing is hashed again."""
         import mlflow
         import numpy as np
@@ -298,7 +298,7 @@ def run(*, uri: str, experiment: str, spool_root: Path, run_name: str | None = N
     delivered in the background; at its end it waits up to `wait_seconds` for the
     store to have all of it (`while_reachable`: not while the store is away), and
     `Run.pending` says what is still waiting. TrackingError if the URI is unusable."""
-    from mlplab import courier, spool
+    from mlplab.app import courier, spool
 
     t0 = time.perf_counter()
     check_store(uri, experiment)

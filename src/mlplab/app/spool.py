@@ -34,8 +34,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mlplab import tracking
-from mlplab.passwords import mask_password
+from mlplab.app import tracking
+from mlplab.app.passwords import mask_password
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str)
     import numpy as np
     from mlflow.entities import LoggedModelStatus
 
-    from mlplab import pyfunc_model
+    from mlplab.app import pyfunc_model
 
     run_id, exp_id = state["run_id"], state["experiment_id"]
     logged = tracking.with_retries(lambda: client.search_logged_models(

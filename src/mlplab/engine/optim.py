@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import checks
+from mlplab.engine import checks
 
 
 def is_weight(name: str) -> bool:

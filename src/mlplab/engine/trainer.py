@@ -5,7 +5,7 @@ of the optimiser (plain SGD by default) at the rate the schedule gives, and at e
 evaluation point measure loss, cost and accuracy on the training and validation
 splits (the training split on a fixed subset of its rows, if asked: the curve needs
 no more, and evaluating all of it can cost half as much as training). Each phase runs
-with the BLAS threads `mlplab.threads` gives it. `on_eval` receives each record as it
+with the BLAS threads `mlplab.engine.threads` gives it. `on_eval` receives each record as it
 is made (the app uses it to log to MLflow) and may stop training there by returning
 True (a sweep prunes a hopeless trial so), `on_progress` the step every
 PROGRESS_EVERY steps (the app checks its tracking there); nothing here knows about
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import checks, layers, network, optim, threads
-from mlplab.data import Dataset
-from mlplab.network import Network
+from mlplab.engine import checks, layers, network, optim, threads
+from mlplab.engine.data import Dataset
+from mlplab.engine.network import Network
 
 PROGRESS_EVERY = 50  # steps between progress-bar text updates: updates cost time
 
@@ -56,7 +56,7 @@ def sgd_step(net: Network, Xb, yb, eta: float, lam: float, optimizer=None, *,
     """One stochastic-gradient update on a batch Xb: (b, d), yb: (b,); returns the
     batch loss (no penalty; smoothed if `label_smoothing`).
 
-    optimizer: an mlplab.optim optimiser, plain SGD when None. dropout_rng: where the
+    optimizer: an mlplab.engine.optim optimiser, plain SGD when None. dropout_rng: where the
     network's dropout masks come from (see network.forward).
     """
     scores, caches = network.forward(net, Xb, train=True, dropout_rng=dropout_rng)
@@ -108,16 +108,16 @@ def train(net: Network, data: Dataset, schedule, *, lam: float, batch_size: int,
           threads: int | None = None,
           on_eval: Callable[[dict], bool | None] | None = None,
           on_progress: Callable[[int], None] | None = None, progress: bool = True) -> Result:
-    """Train `net` in place on `data` with `schedule` (see mlplab.schedules).
+    """Train `net` in place on `data` with `schedule` (see mlplab.engine.schedules).
 
-    optimizer: from mlplab.optim (e.g. optim.make_optimizer("momentum")), a fresh one
+    optimizer: from mlplab.engine.optim (e.g. optim.make_optimizer("momentum")), a fresh one
     per run since it carries its state; None is plain SGD. augment: a callable
     (Xb: (b, d), rng) -> (b, d) applied to every training batch, e.g.
     augment.FlipTranslate(); None leaves batches as they are. label_smoothing: in
     [0, 1), for the training loss only (evaluation reports the plain cross-entropy).
     Dropout is the network's (net.dropout). eval_train_rows: evaluate the training
     split on that many evenly spaced rows (None: all; validation is always whole).
-    threads: the BLAS threads this run may use (mlplab.threads: all of them for
+    threads: the BLAS threads this run may use (mlplab.engine.threads: all of them for
     evaluation, fewer for small update steps); None leaves BLAS as it is. The
     threads each phase ran with are in `result.extra["threads"]`.
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlplab import checks
+from mlplab.engine import checks
 
 MACS_PER_UPDATE_THREAD = 15_000_000  # a step's multiply-adds that pay for one thread
 

@@ -3,7 +3,7 @@ and augmentation.
 
 The one place where config keys become engine arguments. The engine checks its own
 arguments; an ArgumentError it raises comes out of here as a ConfigError naming the
-config key (`mlplab.config.keyed`). `validate` builds what needs no data, so a bad
+config key (`mlplab.app.config.keyed`). `validate` builds what needs no data, so a bad
 value stops a run before anything is loaded, trained or recorded.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 
-from mlplab import augment, checks, config, data, network, optim, schedules, trainer
-from mlplab.config import ConfigError, keyed
-from mlplab.data import Dataset
+from mlplab.app import config
+from mlplab.app.config import ConfigError, keyed
+from mlplab.engine import augment, checks, data, network, optim, schedules, trainer
+from mlplab.engine.data import Dataset
 
 
 def validate(cfg: DictConfig) -> None:
@@ -44,7 +45,7 @@ def validate(cfg: DictConfig) -> None:
 
 def build_dataset(cfg: DictConfig) -> Dataset:
     """The run's data from the machine's shared cache of standardised splits (see
-    mlplab.data): every process of a sweep maps the same read-only copy, and a run
+    mlplab.engine.data): every process of a sweep maps the same read-only copy, and a run
     holds it only while it trains, so a worker waiting for others holds none."""
     d = cfg.data
     return data.load_dataset(d.name, split=d.split, n_val=d.n_val, val_fold=d.val_fold,

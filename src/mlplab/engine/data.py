@@ -7,7 +7,7 @@ extraction to a temporary folder that is renamed into place only when complete: 
 interrupted run leaves nothing that passes for a good cache.
 
 With `shared_cache=True` the standardised splits are kept too, under
-`root/<md5>/standardised/<options>/` (see `mlplab.datacache`): built once per machine,
+`root/<md5>/standardised/<options>/` (see `mlplab.engine.datacache`): built once per machine,
 mapped read-only so that parallel processes share one copy in memory, checked against
 their manifest on every load, and rebuilt when damaged or stale.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlplab import checks, datacache
+from mlplab.engine import checks, datacache
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlplab import checks
+from mlplab.engine import checks
 
 
 @dataclass(frozen=True)

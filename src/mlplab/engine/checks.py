@@ -2,7 +2,7 @@
 
 Engine functions and classes reject a bad argument with `ArgumentError` (a
 ValueError) that names the argument, its value and what is allowed. The config layer
-(`mlplab.config`) maps the argument to the config key it came from, so the checks are
+(`mlplab.app.config`) maps the argument to the config key it came from, so the checks are
 written once, here in the engine, and a user still reads the key they typed.
 """
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in sweeps
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlplab.data import rows_to_images  # noqa: E402
+from mlplab.engine.data import rows_to_images  # noqa: E402
 
 CURVES = (("cost", "cost"), ("loss", "loss"), ("acc", "accuracy"))
 

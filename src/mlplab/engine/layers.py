@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlplab import checks
+from mlplab.engine import checks
 
 BN_EPS = 1e-5  # keeps 1/sqrt(var) finite for units that are constant in a batch
 

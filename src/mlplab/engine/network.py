@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplab import checks, layers
+from mlplab.engine import checks, layers
 
 INITS = ("he", "xavier", "normal")
 # Seed of the dropout masks when `forward` is given no generator: every such call

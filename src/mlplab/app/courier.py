@@ -13,8 +13,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from mlplab.passwords import mask_password
-from mlplab.spool import LOCK, OPS, SPOOL_DIR, NotYet, Spool, deliver, pending_ops
+from mlplab.app.passwords import mask_password
+from mlplab.app.spool import LOCK, OPS, SPOOL_DIR, NotYet, Spool, deliver, pending_ops
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlplab import checks
+from mlplab.engine import checks
 
 DEFAULT_H = 1e-5  # step of the centred difference
 # Central-difference weights by order of accuracy: f'(x) ~ sum_k c_k (f(x + k h) -
@@ -73,7 +73,7 @@ class Row:
 
 def check_options(*, d: int, n: int, h: float, order: int, eps: float, threshold: float,
                   jitter: float, seed: int, lam: float | None, bn: bool) -> None:
-    """ArgumentError naming the first bad setting of a check (mlplab.checks)."""
+    """ArgumentError naming the first bad setting of a check (mlplab.engine.checks)."""
     checks.positive_int("d", d)
     checks.positive_int("n", n)
     checks.require(not (bn and n == 1), "n", n, "with bn=true batch norm maps a single "
