@@ -24,7 +24,7 @@ def task(overrides: list[str]) -> Outcome:
     if lam > 0.01:
         raise FloatingPointError(f"diverged at lam={lam}")
     val = 0.5 - (math.log10(lam) + 3) ** 2 / 20 + 0.01 * cycles \
-        + 0.001 * int(args.get("train.seed", 0))
+        + 0.001 * int(args.get("seed", 0))
     return Outcome({"val_acc": val, "test_acc": val - 0.01})
 
 
@@ -96,8 +96,9 @@ def _sweep(tmp_path, **settings):
         "params": {"lam": "tag(log, interval(1e-5, 1e-1))"}, "sampler": "random",
         "seed": 0, "workers": 1, "study_name": "fake",
         "stages": [{"n_trials": 8}, {"n_trials": 4, "overrides": ["cycles=3"]}],
-        "final": {"top_m": 2, "seeds": 2, "overrides": ["cycles=4"]}}, settings)
-    config = OmegaConf.create({"hydra": {
+        "final": {"top_m": 2, "seeds": 2, "overrides": ["cycles=4"], "seed_key": "seed"}},
+        settings)
+    config = OmegaConf.create({"seed": 0, "hydra": {
         "launcher": {"_target_": _parallel.BASIC_LAUNCHER},
         "sweep": {"dir": str(tmp_path)}, "job": {"name": "fake"}}})
     launcher, parents = FakeLauncher(), []
@@ -106,8 +107,8 @@ def _sweep(tmp_path, **settings):
         parents.append(MemoryParent(experiment, sweep_dir))
         return parents[-1]
 
-    records = Sweep(conf, config, launcher, lambda o: OmegaConf.create(
-        {"train": {"seed": 0}}), parent_run).run([])
+    records = Sweep(conf, config, launcher, lambda o: OmegaConf.create({"seed": 0}),
+                    parent_run).run([])
     return records, launcher, parents[0]
 
 
@@ -131,7 +132,7 @@ def test_a_staged_search_narrows_retrains_its_best_and_records_the_answer(tmp_pa
 
     # the final step retrains stage 1's best 2, 2 seeds each, and keeps the best mean
     top2 = [t.params["lam"] for t in stage1.top(2, maximize=True)]
-    assert sorted((t.params["lam"], t.params["train.seed"]) for t in final.trials) == \
+    assert sorted((t.params["lam"], t.params["seed"]) for t in final.trials) == \
         sorted((lam, seed) for lam in top2 for seed in (0, 1))
     assert all("cycles=4" in job for job in launcher.jobs[12:])
     best = min(top2, key=lambda lam: abs(math.log10(lam) + 3))

@@ -32,6 +32,7 @@ defaults:
   - _self_
 x: 0.0
 y: 0.0
+seed: 0
 hydra:
   sweeper:
     sampler: random
@@ -94,3 +95,23 @@ def test_a_pruner_is_refused_for_an_app_without_a_trial_section(app):
     assert "hydra.sweeper.pruner='median'" in done.stderr
     assert "no `trial` section" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_final_step_retrains_with_the_seed_key_the_app_names(app):
+    config = app / "config.yaml"
+    config.write_text(CONFIG + "    final: {seeds: 2, seed_key: seed}\n")
+    done = _sweep(app)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{app / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("app").experiment_id],
+                                  "tags.`mlplab.sweep` = 'true'")
+    client.download_artifacts(parent.info.run_id, "trials.csv", str(app))
+    final = [r for r in csv.DictReader((app / "trials.csv").open()) if r["stage"] == "final"]
+    assert sorted(r["seed"] for r in final) == ["0", "1"]
+    assert parent.data.metrics["final_val_acc_sd"] == 0.0  # this app ignores its seed
+
+    config.write_text(CONFIG + "    final: {seeds: 2}\n")
+    refused = _sweep(app)
+    assert refused.returncode == 2
+    assert "hydra.sweeper.final.seed_key='train.seed': the app's config has no such int " \
+        "key" in refused.stderr

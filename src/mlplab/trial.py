@@ -94,13 +94,12 @@ def reporter(trial: TrialConfig | Any) -> Callable[[float, int], bool] | None:
     storage = open_storage(trial.storage)
     study = optuna.load_study(study_name=trial.study, storage=storage,
                               sampler=optuna.samplers.RandomSampler())
-    study.pruner = make_pruner(study.user_attrs.get(PRUNER_ATTR, {"name": "none"}))
+    pruner = make_pruner(study.user_attrs.get(PRUNER_ATTR, {"name": "none"}))
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(trial.study), trial.number)
-    optuna_trial = optuna.trial.Trial(study, trial_id)
 
-    def report(value: float, step: int) -> bool:
-        optuna_trial.report(value, step)
-        return optuna_trial.should_prune()
+    def report(value: float, step: int) -> bool:  # what Trial.report/should_prune do
+        storage.set_trial_intermediate_value(trial_id, step, float(value))
+        return pruner.prune(study, storage.get_trial(trial_id))
 
     return report

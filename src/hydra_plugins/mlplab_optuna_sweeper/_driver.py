@@ -77,6 +77,12 @@ class Sweep(Launching):
             raise ConfigError(f"hydra.sweeper.pruner={settings.pruner!r}: the app's config "
                               "has no `trial` section for its jobs to report to (see "
                               "mlplab.trial); allowed 'none'", key="hydra.sweeper.pruner")
+        if settings.final is not None and not isinstance(OmegaConf.select(
+                config, settings.final.seed_key, default=None), int):
+            raise ConfigError(f"hydra.sweeper.final.seed_key={settings.final.seed_key!r}: "
+                              "the app's config has no such int key for the final step's "
+                              "seeds; allowed the key that seeds a job (e.g. seed)",
+                              key="hydra.sweeper.final.seed_key")
         self.worker = _studies.worker_id()
         self.helper = _parallel.is_helper()  # started by another worker of this sweep
         self.plan = _parallel.plan(threads.available_cores(), settings.workers,
@@ -337,12 +343,13 @@ class Sweep(Launching):
         completes; one that failed since this worker started is left to a re-run, by
         every worker, so all end the step with the same trials."""
         s, label = self.s, ctx.stage.label
-        base = self.compose([*ctx.fixed, *ctx.stage.overrides]).train.seed
+        key = s.final.seed_key
+        base = OmegaConf.select(self.compose([*ctx.fixed, *ctx.stage.overrides]), key)
         last, candidates, seeds = _rules.retrain_plan(
             records, label, s.final.top_m, s.final.seeds, base, self.directions,
             s.final.front_tolerance)
         log.info("%s: %s, %d seed(s) each", label, candidates, len(seeds))
-        slots = [_space.seeded(last.params, c, seed) for c in candidates for seed in seeds]
+        slots = [_space.seeded(last.params, c, key, seed) for c in candidates for seed in seeds]
         keys = [_rules.slot_key(_space.point(slot)) for slot in slots]
         tried: set = set()
 
@@ -370,7 +377,7 @@ class Sweep(Launching):
             elif not self._wait_for_others(ctx):
                 break
         trials = [t for t in ctx.ledger.finished() if _rules.slot_key(t.params) in set(keys)]
-        return StageRecord(label, _space.seeded(last.params, candidates[0], base), trials,
+        return StageRecord(label, _space.seeded(last.params, candidates[0], key, base), trials,
                            candidates=candidates)
 
     def _failed_meanwhile(self, trial) -> bool:

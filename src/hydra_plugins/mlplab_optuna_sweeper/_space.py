@@ -37,8 +37,6 @@ from mlplab.app.config import ConfigError
 
 from ._rules import is_log, is_numeric
 
-SEED = "train.seed"  # the final step's retrains differ by it
-
 
 @dataclass
 class Param:
@@ -194,10 +192,10 @@ def pinned(params: Iterable[Param], values: dict) -> list[Param]:
     return out
 
 
-def seeded(params: Iterable[Param], values: dict, seed: int) -> list[Param]:
-    """`pinned` to `values`, plus train.seed pinned to `seed`: one retrain of the final
+def seeded(params: Iterable[Param], values: dict, key: str, seed: int) -> list[Param]:
+    """`pinned` to `values`, plus the seed key `key` pinned to `seed`: one retrain of the final
     step."""
-    return [*pinned(params, values), Param(SEED, SEED, IntDistribution(seed, seed))]
+    return [*pinned(params, values), Param(key, key, IntDistribution(seed, seed))]
 
 
 def point(pinned_params: Iterable[Param]) -> dict:

@@ -27,6 +27,7 @@ class FinalConf:
     seeds: int = 1
     choose_in: str = "final"  # final | last_stage: compare the top_m there, new seeds
     front_tolerance: float = 0.0  # several objectives: the pick's slack on the first
+    seed_key: str = "train.seed"  # the app's key that seeds a job
 
 
 @dataclass
