@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from mlplab.app import tracking
+from mlplab.app import store
 from mlplab.commands import train as train_command
 from mlplab.engine import trainer
 from tests.conftest import REPO
@@ -29,7 +29,7 @@ def run_cli(tmp_path, cli_env):
 
 def _runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking.store_lock(uri):  # as mlplab's processes: not while one creates the store
+    with store.store_lock(uri):  # as mlplab's processes: not while one creates the store
         client = MlflowClient(uri)
         exps = client.search_experiments()
         return client.search_runs([e.experiment_id for e in exps])

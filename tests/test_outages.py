@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from mlplab.app import spool, tracking
+from mlplab.app import spool, store
 from tests.conftest import REPO, skip_or_fail
 from tests.test_servers import MlflowServer, Unavailable, _all_runs, tiny_search
 
@@ -187,7 +187,7 @@ def _kept_run(root: Path, uri: str, n_steps: int) -> Path:
 
 def test_a_sync_killed_half_way_and_run_again_delivers_every_record_once(tmp_path, cli_env):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.open_experiment(uri, "sync")  # the store made, as the run would have
+    store.open_experiment(uri, "sync")  # the store made, as the run would have
     folder = _kept_run(tmp_path / spool.SPOOL_DIR, uri, n_steps=3000)
     ops = (folder / spool.OPS).read_text().splitlines()
     end_time = json.loads(ops[-1])["end_time"]

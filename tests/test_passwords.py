@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mlplab.app import passwords, tracking
+from mlplab.app import passwords, store
 from mlplab.app.passwords import mask_password
 from mlplab.commands.common import CONF_DIR
 from tests.conftest import REPO
@@ -40,10 +40,10 @@ def test_a_hidden_config_is_masked_throughout_and_its_uris_still_resolve(monkeyp
     passwords.hide_passwords(cfg)
     assert SECRET not in str(cfg)  # task and Hydra config, the override strings too
     assert cfg.tracking.uri == MASKED and f"tracking.uri={MASKED}" in cfg.hydra.overrides.task
-    assert tracking.resolve_uri(cfg.tracking.uri) == URI  # the sweeper, in this process
+    assert store.resolve_uri(cfg.tracking.uri) == URI  # the sweeper, in this process
     assert passwords.unmask(cfg.hydra.sweeper.storage) == storage
     monkeypatch.setattr(passwords, "_real", {})  # a job in another process:
-    assert tracking.resolve_uri(MASKED) == URI  # the URI it inherited in the environment
+    assert store.resolve_uri(MASKED) == URI  # the URI it inherited in the environment
 
 
 def test_a_single_run_writes_no_password_in_its_output_folder(tmp_path, cli_env):

@@ -9,7 +9,7 @@ import csv
 import pytest
 from mlflow import MlflowClient
 
-from mlplab.app import report, tracking
+from mlplab.app import report, store
 from mlplab.commands import report as report_command
 from mlplab.commands.common import CONF_DIR
 from mlplab.commands.train import run_experiment
@@ -19,7 +19,7 @@ EXPERIMENT = "dd2424"
 
 def _fake_run(uri, experiment, tags, metrics=None, status="FINISHED", artifact=None,
               params=None):
-    client, exp_id = tracking.open_experiment(uri, experiment)
+    client, exp_id = store.open_experiment(uri, experiment)
     run_id = client.create_run(exp_id, tags=tags).info.run_id
     for key, value in (params or {}).items():
         client.log_param(run_id, key, value)

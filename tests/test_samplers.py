@@ -93,6 +93,32 @@ def test_under_hyperband_the_start_up_fits_the_smallest_bracket_a_sampler_sees()
         _samplers.startup(tpe, 10, "0", 2 / 5)
     assert _samplers.startup({**tpe, "n_startup_trials": 3}, 10, "0", 2 / 5) == 3
     assert _pruning.bracket_share({"name": "median"}) == 1.0
+    target = {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 450,
+              "max_resource": 2700}  # Optuna's default reduction_factor, 3
+    assert _pruning.bracket_share(target) == 2 / 5
+
+
+def test_a_pruner_given_as_target_and_arguments_reaches_optuna_as_the_jobs_build_it():
+    from hydra_plugins.mlplab_optuna_sweeper import _pruning
+    from mlplab.trial import make_pruner
+
+    setting = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2,
+               "n_warmup_steps": 100, "interval_steps": 3, "n_min_trials": 2}
+    stored = _pruning.describe(setting, None)
+    pruner = make_pruner(stored)  # what a job rebuilds from the study's attribute
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps, pruner._interval_steps,
+            pruner._n_min_trials) == (2, 100, 3, 2)
+    assert _pruning.kind(stored) == "median" and _pruning.prunes(stored)
+    assert not _pruning.prunes(_pruning.describe(
+        {"_target_": "optuna.pruners.NopPruner"}, None))
+    for bad, key in [({**setting, "n_startup": 1}, "hydra.sweeper.pruner.n_startup"),
+                     ({**setting, "n_startup_trials": -1}, "hydra.sweeper.pruner"),
+                     ({"_target_": TPE}, "hydra.sweeper.pruner._target_"),
+                     ({"n_startup_trials": 1}, "hydra.sweeper.pruner._target_")]:
+        with pytest.raises(ConfigError) as err:
+            _pruning.describe(bad, None)
+        assert err.value.key == key, err.value
 
 
 # --- several objectives: the front and the rule that picks from it --------------------

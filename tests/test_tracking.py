@@ -10,26 +10,26 @@ from pathlib import Path
 
 import pytest
 
-from mlplab.app import tracking
+from mlplab.app import store, tracking
 
 
 def test_uri_defaults_to_mlflow_db_in_the_current_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.resolve_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_environment_then_config_override_the_default(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_uri(None) == "http://127.0.0.1:5000"
-    assert tracking.resolve_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+    assert store.resolve_uri(None) == "http://127.0.0.1:5000"
+    assert store.resolve_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
 
 
 def test_sqlite_store_keeps_artifacts_in_mlruns_beside_the_database(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.artifact_location(uri, "dd2424") == (tmp_path / "mlruns/dd2424").as_uri()
-    assert tracking.artifact_location(uri, "a b/c") == (tmp_path / "mlruns/a_b_c").as_uri()
-    assert tracking.artifact_location("http://127.0.0.1:5000", "x") is None
+    assert store.artifact_location(uri, "dd2424") == (tmp_path / "mlruns/dd2424").as_uri()
+    assert store.artifact_location(uri, "a b/c") == (tmp_path / "mlruns/a_b_c").as_uri()
+    assert store.artifact_location("http://127.0.0.1:5000", "x") is None
 
 
 def test_nested_config_flattens_to_dotted_params():
@@ -38,7 +38,7 @@ def test_nested_config_flattens_to_dotted_params():
 
 
 def test_writes_are_retried_while_the_database_is_locked(monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
     calls = []
 
     def flaky():
@@ -47,7 +47,7 @@ def test_writes_are_retried_while_the_database_is_locked(monkeypatch):
             raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return "ok"
 
-    assert tracking.with_retries(flaky) == "ok" and len(calls) == 3
+    assert store.with_retries(flaky) == "ok" and len(calls) == 3
 
 
 def test_other_errors_are_not_retried():
@@ -58,7 +58,7 @@ def test_other_errors_are_not_retried():
         raise ValueError("no such column")
 
     with pytest.raises(ValueError):
-        tracking.with_retries(broken)
+        store.with_retries(broken)
     assert len(calls) == 1
 
 
@@ -92,7 +92,7 @@ def test_the_run_context_closes_the_run_with_its_outcome_keeping_metrics(
 
 
 def test_an_unusable_store_is_a_tracking_error_naming_it(tmp_path):
-    with pytest.raises(tracking.TrackingError, match="nosuchscheme://store"), \
+    with pytest.raises(store.TrackingError, match="nosuchscheme://store"), \
             tracking.run(uri="nosuchscheme://store", experiment="x", spool_root=tmp_path):
         pass
 
@@ -126,7 +126,7 @@ def test_a_record_delivered_late_does_not_overwrite_a_newer_end(tmp_path):
     from mlplab.app import spool
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.open_experiment(uri, "late")
+    store.open_experiment(uri, "late")
     old = spool.Spool(tmp_path, "resumed-run", uri, "late")
     old.end("KILLED")  # the first attempt, interrupted; its spool stays on disk
     time.sleep(0.01)  # end times are in milliseconds: the resumed run ends later
@@ -166,7 +166,7 @@ def test_a_create_sent_twice_leaves_one_run(tmp_path, monkeypatch):
     from mlplab.app import spool
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
+    client = store.client(uri)
     real_create = client.create_run
 
     def create_twice(*args, **kwargs):

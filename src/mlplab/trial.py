@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-PRUNER_ATTR = "pruner"  # a stage study's user attribute: {"name": ..., **knobs}
+PRUNER_ATTR = "pruner"  # a stage study's user attribute: the pruner's settings
 
 
 @dataclass
@@ -70,9 +70,14 @@ def _number(v) -> bool:
 
 
 def make_pruner(settings: dict[str, Any]):
-    """The Optuna pruner of stored settings ({"name": ..., **its arguments})."""
+    """The Optuna pruner of stored settings: {"_target_": class, **its arguments}, built
+    with Hydra's instantiate, or {"name": ..., **its arguments}."""
     import optuna
 
+    if "_target_" in settings:
+        from hydra.utils import instantiate
+
+        return instantiate(settings)
     knobs = {k: v for k, v in settings.items() if k != "name"}
     return {"none": optuna.pruners.NopPruner,
             "median": optuna.pruners.MedianPruner,

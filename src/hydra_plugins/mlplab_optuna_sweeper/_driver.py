@@ -24,7 +24,7 @@ from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from mlplab.app import optuna_storage, tracking
+from mlplab.app import optuna_storage, store
 from mlplab.app.config import ConfigError
 from mlplab.app.passwords import mask_password
 from mlplab.commands.common import terminate_as_interrupt
@@ -73,7 +73,7 @@ class Sweep(Launching):
         self.maximize = self.directions[0] == "maximize"  # how the first objective ranks
         self.sampler = _samplers.spec(settings.sampler)
         self.pruner = _pruning.describe(settings.pruner, settings.pruning)
-        if self.pruner["name"] != "none" and OmegaConf.select(config, "trial") is None:
+        if _pruning.prunes(self.pruner) and OmegaConf.select(config, "trial") is None:
             raise ConfigError(f"hydra.sweeper.pruner={settings.pruner!r}: the app's config "
                               "has no `trial` section for its jobs to report to (see "
                               "mlplab.trial); allowed 'none'", key="hydra.sweeper.pruner")
@@ -207,8 +207,8 @@ class Sweep(Launching):
         return records
 
     def _mlflow_parent(self, experiment: str, sweep_dir: Path) -> ParentRun:
-        uri = tracking.resolve_uri(OmegaConf.select(self.config, "tracking.uri"))
-        tracking.check_store(uri, experiment)  # a URI MLflow cannot use: now
+        uri = store.resolve_uri(OmegaConf.select(self.config, "tracking.uri"))
+        store.check_store(uri, experiment)  # a URI MLflow cannot use: now
         return ParentRun(uri, experiment, sweep_dir)
 
     def _summary(self, parent: ParentRun, records: list[StageRecord]) -> None:
@@ -219,7 +219,7 @@ class Sweep(Launching):
         """The configured storage; with a pruner or several workers and none
         configured, a journal file in the sweep's folder: the jobs and workers, in
         other processes, share it."""
-        if self.s.storage is not None or (self.pruner["name"] == "none"
+        if self.s.storage is not None or (not _pruning.prunes(self.pruner)
                                           and self.plan.workers == 1):
             return self.s.storage
         return optuna_storage.JOURNAL_PREFIX + str(Path(self.config.hydra.sweep.dir)
@@ -237,7 +237,7 @@ class Sweep(Launching):
 
         study.sampler = make(None) if s.seed is None else \
             _studies.SeededPerTrial(make, lambda n: self._seed(stage, n))
-        prunes = not stage.retrains and self.pruner["name"] != "none"
+        prunes = not stage.retrains and _pruning.prunes(self.pruner)
         if prunes:  # for the jobs' pruner; Hyperband's brackets also steer the sampler
             study.set_user_attr(PRUNER_ATTR, self.pruner)
             study.pruner = make_pruner(self.pruner)
@@ -311,7 +311,7 @@ class Sweep(Launching):
         space, marked as carried so that they count for nothing."""
         if not (self.s.carry_forward and _samplers.learns(self.sampler)):
             return
-        if self.pruner["name"] == "median":  # it would count them as its start-up trials
+        if _pruning.kind(self.pruner) == "median":  # it would count them as its start-up trials
             log.info("stage %s: nothing carried forward: the median pruner would take the "
                      "earlier trials for its n_startup_trials", ctx.stage.label)
             return

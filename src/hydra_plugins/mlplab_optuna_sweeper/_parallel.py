@@ -1,20 +1,12 @@
-"""Trials in parallel on one machine: how many at once, how many BLAS threads each,
-and the local worker processes that run them.
+"""Trials in parallel on one machine: the plan (workers, BLAS threads per trial) and
+the local worker processes.
 
-Hydra's launchers return only when a whole batch has ended, so a batch waits for its
-slowest trial. Instead the sweeper starts `workers - 1` more copies of the same
-command as local workers; each runs one trial at a time and takes the next free one
-as soon as it is done, sharing each stage's budget through the Optuna storage as
-several workers always have (`_studies`). Start-up is paid once per worker.
-
-The plan is a fixed function of the core count and the settings (never a timing):
-- workers: `hydra.sweeper.workers`, or one per core with Hydra's basic launcher (a
-  launcher that runs batches itself, joblib or submitit, keeps one worker);
-- a trial's threads: the cores shared by the trials that can run at once, i.e.
-  cores // min(workers * trials a launcher runs at once, the stage's trials): a lone
-  final retrain gets every core; never above a BLAS limit the user set. A launcher
-  that sends trials to other machines (SLURM) leaves each trial its own machine's
-  cores. `train.threads` given by the user wins.
+A Hydra launcher returns when its whole batch has ended, so the sweeper instead starts
+`workers - 1` more copies of its own command; each takes the next free trial as soon
+as it is done, sharing the budget through the Optuna storage. The plan is a fixed
+function of the core count and the settings, never of a timing: one worker per core
+with Hydra's basic launcher (else 1), and per trial the cores shared by the trials
+that run at once, within a BLAS limit the user set (`train.threads` given wins).
 """
 
 from __future__ import annotations

@@ -1,59 +1,105 @@
-"""Pruning: Optuna's pruners by name and their settings.
+"""Pruners from `hydra.sweeper.pruner`: a name with its knobs in `hydra.sweeper.pruning`,
+or, as the upstream Hydra Optuna sweeper takes it, `_target_` and the pruner's own
+arguments (`{_target_: optuna.pruners.MedianPruner, n_startup_trials: 3}`).
 
-The sweeper owns every trial's state (it asks, and tells COMPLETE, FAIL or PRUNED).
-A job it launches with `trial.study` set only reports (mlplab.trial): after each
-evaluation point its objective goes to its trial in the shared storage (step = update
-step), and the pruner the sweeper stored on the study says whether to stop.
+The sweeper owns every trial's state; a job only reports (mlplab.trial), and the pruner
+the sweeper stored on the study says whether to stop.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from typing import Any
 
-from mlplab.app.config import ConfigError
+import optuna
+from omegaconf import DictConfig, OmegaConf
 
+from mlplab.app.config import ConfigError
+from mlplab.trial import make_pruner
+
+KEY = "hydra.sweeper.pruner"
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-# the knobs each pruner takes from hydra.sweeper.pruning
+CLASSES = {"NopPruner": "none", "MedianPruner": "median",
+           "SuccessiveHalvingPruner": "successive_halving", "HyperbandPruner": "hyperband"}
+# the knobs each named pruner takes from hydra.sweeper.pruning
 KNOBS = {"none": (), "median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
          "successive_halving": ("min_resource", "reduction_factor"),
          "hyperband": ("min_resource", "max_resource", "reduction_factor")}
 AUTO = "auto"
 
 
-def describe(name: str, pruning) -> dict[str, Any]:
-    """{"name": ..., knob: value}: what the study stores and a resume compares."""
-    if name not in PRUNERS:
-        raise ConfigError(f"hydra.sweeper.pruner={name!r}: allowed {list(PRUNERS)}",
-                          key="hydra.sweeper.pruner")
-    knobs = {k: pruning[k] for k in KNOBS[name]}
-    for key, value in knobs.items():
-        if key.endswith("_resource"):
-            ok = value == AUTO or (isinstance(value, int) and value >= 1)
-            allowed = f"{AUTO!r} or an int >= 1 (update steps)"
-        elif key == "reduction_factor":
-            ok, allowed = isinstance(value, int) and value >= 2, "an int >= 2"
-        else:
-            ok = isinstance(value, int) and value >= (1 if key == "interval_steps" else 0)
-            allowed = "an int >= 1" if key == "interval_steps" else "an int >= 0"
-        if not ok:
-            raise ConfigError(f"hydra.sweeper.pruning.{key}={value!r}: allowed {allowed}",
-                              key=f"hydra.sweeper.pruning.{key}")
-    return {"name": name, **knobs}
+def describe(setting: Any, pruning) -> dict[str, Any]:
+    """{"name": ..., knob: value} or {"_target_": ..., argument: value}: what the study
+    stores, a resume compares and a job rebuilds its pruner from (checked here)."""
+    if isinstance(setting, str):
+        if setting not in PRUNERS:
+            raise ConfigError(f"{KEY}={setting!r}: allowed {list(PRUNERS)}, or _target_ and "
+                              "arguments, e.g. {_target_: optuna.pruners.MedianPruner}", key=KEY)
+        out = {"name": setting, **{k: pruning[k] for k in KNOBS[setting]}}
+        for key, value in out.items():
+            _check_knob(key, value)
+    else:
+        out = OmegaConf.to_container(setting) if isinstance(setting, DictConfig) else dict(setting)
+        if "_target_" not in out:
+            raise ConfigError(f"{KEY}={out}: give _target_, e.g. optuna.pruners.MedianPruner",
+                              key=f"{KEY}._target_")
+    try:
+        pruner = make_pruner(out)
+    except Exception as err:
+        text = str(err.__cause__ or err).splitlines()[-1]
+        bad = re.search(r"unexpected keyword argument '(\w+)'", text)
+        key = f"{KEY}.{bad.group(1)}" if bad else KEY
+        raise ConfigError(f"{key}: {text}", key=key) from None
+    if not isinstance(pruner, optuna.pruners.BasePruner):
+        raise ConfigError(f"{KEY}._target_={out['_target_']!r}: not an Optuna pruner",
+                          key=f"{KEY}._target_")
+    return out
+
+
+def _check_knob(key: str, value) -> None:
+    if key == "name":
+        return
+    if key.endswith("_resource"):
+        ok, allowed = value == AUTO or (isinstance(value, int) and value >= 1), \
+            f"{AUTO!r} or an int >= 1 (update steps)"
+    elif key == "reduction_factor":
+        ok, allowed = isinstance(value, int) and value >= 2, "an int >= 2"
+    else:
+        least = 1 if key == "interval_steps" else 0
+        ok, allowed = isinstance(value, int) and value >= least, f"an int >= {least}"
+    if not ok:
+        raise ConfigError(f"hydra.sweeper.pruning.{key}={value!r}: allowed {allowed}",
+                          key=f"hydra.sweeper.pruning.{key}")
+
+
+def kind(settings: dict[str, Any]) -> str:
+    """none, median, successive_halving, hyperband, or another pruner's class name."""
+    if "name" in settings:
+        return settings["name"]
+    name = settings["_target_"].rsplit(".", 1)[-1]
+    return CLASSES.get(name, name)
+
+
+def prunes(settings: dict[str, Any]) -> bool:
+    return kind(settings) != "none"
 
 
 def bracket_share(settings: dict[str, Any]) -> float:
     """The smallest share of a stage's trials one sampler sees: Optuna gives a sampler
     only its own Hyperband bracket's trials (1.0 for other pruners, and for Hyperband
     before its resources are known)."""
-    if settings["name"] != "hyperband" or AUTO in (settings["min_resource"],
-                                                  settings["max_resource"]):
+    if kind(settings) != "hyperband":
+        return 1.0
+    defaults = {k: p.default for k, p in
+                inspect.signature(optuna.pruners.HyperbandPruner).parameters.items()}
+    knobs = {**defaults, **settings}
+    low, high, rf = knobs["min_resource"], knobs["max_resource"], knobs["reduction_factor"]
+    if AUTO in (low, high):
         return 1.0
     # Optuna's HyperbandPruner: floor(log_rf(max / min)) + 1 brackets, bracket s (from
     # the most aggressive) taking ceil(n * rf**s / (s + 1)) parts of the trials
-    rf = settings["reduction_factor"]
-    n = math.floor(math.log(settings["max_resource"] / settings["min_resource"], rf)) + 1
+    n = math.floor(math.log(high / low, rf)) + 1
     budgets = [math.ceil(n * rf ** s / (s + 1)) for s in range(n)]
     return min(budgets) / sum(budgets)
-
-

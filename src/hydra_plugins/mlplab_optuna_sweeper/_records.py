@@ -1,17 +1,10 @@
-"""The sweep in MLflow: one parent run, every trial a child run, a summary at the end.
+"""The sweep in MLflow: one parent run (written through a spool, as every run is, and
+known by its spool id, kept on the sweep's study), every trial a child run, a summary.
 
-The parent is written through a spool (mlplab.app.spool), as every run is, so a sweep
-never waits on the store nor loses its record while the store is away. It is known
-by its spool id, a user attribute of the sweep's Optuna study, so a second worker or
-a re-run attaches to the same parent.
-
-Contract with `mlplab.app.report`: the parent has tags mlplab.sweep=true, mlplab.study
-and best.<param> (the sweep's answer), artifacts trials.csv (stage, number, state,
-value, test_acc, pruned_at, one column per parameter) and
-accuracy_vs_<param>_stage<i>.png, metrics final_val_acc, final_test_acc (means over
-the chosen candidate's seeds, with _sd) and best_<param>; the final retrains' child
-runs have tag stage=final (the candidates' retrains when they are compared in the last
-stage's setting: stage=choose).
+What `mlplab.app.report` reads: tags mlplab.sweep=true, mlplab.study, best.<param>;
+artifact trials.csv (stage, number, state, value, test_acc, pruned_at, a column per
+parameter); metrics final_val_acc, final_test_acc (means over the chosen candidate's
+seeds, with _sd); the final retrains' runs tagged stage=final (stage=choose: compared).
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
-from mlplab.app import courier, plots, spool, tracking
+from mlplab.app import courier, plots, spool, store, tracking
 from mlplab.app.passwords import mask_password
 
 from ._rules import (
@@ -50,7 +43,7 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_spool_id"  # the parent run by its spool id
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
 TABLE_COLUMNS = ("stage", "number", "state", "value", TEST_ACC, PRUNED_AT)
-MAX_TAG_LENGTH = tracking.MAX_TAG_LENGTH
+MAX_TAG_LENGTH = store.MAX_TAG_LENGTH
 
 
 class ParentRun:
@@ -145,16 +138,16 @@ class ParentRun:
         while the store answers (it shows them RUNNING until then)."""
         try:
             # (this worker's courier may not have delivered the parent run yet)
-            client, experiment_id = tracking.open_experiment(self.uri, self.experiment)
+            client, experiment_id = store.open_experiment(self.uri, self.experiment)
             for number in numbers:
                 query = f"tags.`{spool.SPOOL_TAG}` = '{self.child_spool_id(stage, number)}'"
-                for run in tracking.with_retries(lambda q=query: client.search_runs(
+                for run in store.with_retries(lambda q=query: client.search_runs(
                         [experiment_id], filter_string=q)):
                     if run.info.status == "RUNNING":
                         if failure:
-                            tracking.with_retries(lambda r=run: client.set_tag(
+                            store.with_retries(lambda r=run: client.set_tag(
                                 r.info.run_id, "failure", failure))
-                        tracking.with_retries(lambda r=run: client.set_terminated(
+                        store.with_retries(lambda r=run: client.set_terminated(
                             r.info.run_id, status))
         except Exception as err:  # the store is away: the runs stay as they are shown
             log.warning("trials %s of stage %s: their runs not marked %s (%s)", numbers,

@@ -38,7 +38,6 @@ def check(s: DictConfig) -> None:
     with keyed("hydra.sweeper."):
         _check(s)
     _samplers.make(_samplers.spec(s.sampler), 0)  # bad names, arguments, packages: now
-    _pruning.describe(s.pruner, s.pruning)
 
 
 def _check(s: DictConfig) -> None:
@@ -47,7 +46,8 @@ def _check(s: DictConfig) -> None:
             f"one per direction ({len(directions)}: {directions})")
     # the jobs report their validation accuracy to the pruner, whatever is optimised
     # (several objectives: refused below, with Optuna's reason)
-    require(s.pruner == "none" or names == [VAL_ACC] or len(names) > 1, "pruner", s.pruner,
+    prunes = _pruning.prunes(_pruning.describe(s.pruner, s.pruning))
+    require(not prunes or names == [VAL_ACC] or len(names) > 1, "pruner", s.pruner,
             f"with objectives={names} a trial reports its val_acc to the pruner, so a "
             "pruner needs objectives [val_acc]; allowed none")
     if final is not None:
@@ -57,7 +57,7 @@ def _check(s: DictConfig) -> None:
         require(final.choose_in in CHOOSE_IN, "final.choose_in", final.choose_in,
                 f"allowed {list(CHOOSE_IN)}")
     if len(directions) > 1:  # what Optuna and a single answer allow with a front
-        require(s.pruner == "none", "pruner", s.pruner, "Optuna cannot prune a study of "
+        require(not prunes, "pruner", s.pruner, "Optuna cannot prune a study of "
                 f"several objectives (direction={directions}); allowed none")
         require(len(s.stages) <= 1, "stages", len(s.stages), "with several objectives a "
                 "search has one stage (narrowing to the best has no single best); "

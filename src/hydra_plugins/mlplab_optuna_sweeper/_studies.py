@@ -1,20 +1,7 @@
-"""Optuna storage shared by workers: opening studies, counting the budget, liveness.
-
-Several workers (processes, machines) may run the same sweep against one storage,
-and a worker may be interrupted and re-run. The rules that keep that consistent:
-
-- A trial *counts* towards a stage's budget if it is COMPLETE, PRUNED, FAIL with a
-  recorded `failure` (the job failed or diverged: a real outcome), or RUNNING and
-  alive. A FAIL this worker drops (interrupted, over the budget) says why in its
-  `dropped` attribute.
-- RUNNING trials are alive while their worker writes a `heartbeat` user attribute;
-  one silent for `stale_seconds` belongs to a worker that was killed: it is failed
-  without a `failure` (its MLflow run says "worker lost"), so it stops counting and
-  is replaced.
-- Trial numbers are handed out by the storage in order, so "the first n counted
-  trials by number" is the same set for every worker: a worker whose fresh trial
-  falls outside it drops that trial (`dropped` = over the budget) instead of
-  overrunning.
+"""The Optuna storage shared by workers: studies, the trials that count (`_rules.counts`),
+liveness. A RUNNING trial is alive while its worker writes a `heartbeat` user
+attribute; one silent for `stale_seconds` belongs to a worker that was killed: it is
+failed without a `failure`, so it stops counting and is replaced.
 """
 
 from __future__ import annotations
@@ -32,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlplab.app.config import ConfigError
 from mlplab.app.optuna_storage import Patient
-from mlplab.app.tracking import with_retries
+from mlplab.app.store import with_retries
 
 from . import _rules
 from ._rules import CARRIED

@@ -64,7 +64,7 @@ class MlplabOptunaSweeperConf:
     top_k: int = 3  # the next stage spans the best top_k's log range ...
     margin: float = 0.0  # ... widened by this many decades each side
     final: FinalConf | None = None
-    pruner: str = "none"  # none | median | successive_halving | hyperband
+    pruner: Any = "none"  # none | median | successive_halving | hyperband, or _target_
     pruning: PruningConf = field(default_factory=PruningConf)
     heartbeat_seconds: float = 10.0  # how often a worker marks its running trials alive
     stale_seconds: float = 60.0  # a running trial silent this long was interrupted

@@ -41,7 +41,7 @@ class MlplabOptunaSweeper(Sweeper):
         """Run the search. Like a single run, a bad config value or unusable data
         ends it with `mlplab: error: ...` and exit code 2; a stage with no complete
         trial, with exit code 1."""
-        from mlplab.app import tracking
+        from mlplab.app import store
         from mlplab.app.config import ConfigError
         from mlplab.commands.common import PENDING_EXIT, exit_with, pending_line
         from mlplab.engine.data import DataError
@@ -61,14 +61,14 @@ class MlplabOptunaSweeper(Sweeper):
         except SweepFailed as err:
             self._deliver(sweep_dir)
             exit_with(f"sweep FAILED: {err}", 1)
-        except tracking.TrackingError as err:  # a URI MLflow cannot use, as a run says
+        except store.TrackingError as err:  # a URI MLflow cannot use, as a run says
             exit_with(f"tracking failed: {err}", 1)
         except KeyboardInterrupt:  # the parent's KILLED, if the store answers at once
             self._deliver(sweep_dir, INTERRUPTED_WAIT_SECONDS)
             raise
         pending = self._deliver(sweep_dir)
         if pending:
-            exit_with(pending_line(pending, sweep_dir, tracking.resolve_uri(
+            exit_with(pending_line(pending, sweep_dir, store.resolve_uri(
                 OmegaConf.select(self.config, "tracking.uri"))), PENDING_EXIT)
         return records
 

@@ -18,20 +18,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mlplab.app.errors import ConfigError
 from mlplab.engine.checks import ArgumentError
 from mlplab.engine.data import CIFAR10_MD5, CIFAR10_URL
 from mlplab.trial import TrialConfig
-
-
-class ConfigError(ValueError):
-    """A config value outside what is allowed; `key` names it (None: several keys)."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-    def __reduce__(self):  # keeps the key when a launcher sends it between processes
-        return type(self), (str(self), self.key)
 
 
 @dataclass

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import optuna
 
-from mlplab.app.config import ConfigError
+from mlplab.app.errors import ConfigError
 from mlplab.app.passwords import mask_password, unmask
-from mlplab.app.tracking import store_lock, with_retries
+from mlplab.app.store import store_lock, with_retries
 
 log = logging.getLogger(__name__)
 

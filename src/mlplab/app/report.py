@@ -246,7 +246,7 @@ def _search_section(client: MlflowClient, experiment: str | None, figures: Path)
 def log_report(uri: str, experiment: str, out) -> str:
     """Record the report (markdown and figures) as a run tagged mlplab.kind=report in
     `experiment`; returns its run id."""
-    from mlplab.app import tracking
+    from mlplab.app import store, tracking
 
     out = Path(out)
     # the store answered the report's reads a moment ago: waiting for it is short
@@ -256,7 +256,7 @@ def log_report(uri: str, experiment: str, out) -> str:
         for png in sorted((out / FIGURES_DIR).glob("*.png")):
             run.log_artifact(png, FIGURES_DIR)
     if run.pending:
-        raise tracking.TrackingError(
+        raise store.TrackingError(
             f"the report run is not in {mask_password(uri)} yet: its {run.pending} "
             f"records are kept in {out}; deliver them with: mlplab-sync {out}")
     return run.run_id

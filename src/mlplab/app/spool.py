@@ -34,7 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mlplab.app import tracking
+from mlplab.app import store
 from mlplab.app.passwords import mask_password
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Spool:
         self.on_write = lambda closing: None  # the courier's wake-up (courier.add)
         self.append({"op": "run", "spool_id": spool_id, "uri": mask_password(uri),
                      "experiment": experiment, "run_name": _masked(run_name),
-                     "tags": _texts(tags or {}, tracking.MAX_TAG_LENGTH),
+                     "tags": _texts(tags or {}, store.MAX_TAG_LENGTH),
                      "start_time": now_ms(), "parent_run_id": parent_run_id,
                      "parent_spool_id": parent_spool_id, "create": create})
 
@@ -89,11 +89,11 @@ class Spool:
         self.on_write(op["op"] in ("end", "detach"))
 
     def params(self, params: dict) -> None:
-        self.append({"op": "params", "params": _texts(params, tracking.MAX_PARAM_LENGTH)})
+        self.append({"op": "params", "params": _texts(params, store.MAX_PARAM_LENGTH)})
 
     def tags(self, tags: dict) -> None:
         """Tags; a None value is left out."""
-        self.append({"op": "tags", "tags": _texts(tags, tracking.MAX_TAG_LENGTH)})
+        self.append({"op": "tags", "tags": _texts(tags, store.MAX_TAG_LENGTH)})
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         t = now_ms()
@@ -201,7 +201,7 @@ def deliver(folder: Path, uri: str | None = None) -> dict:
     whatever the store raised (its step is taken again next time)."""
     state = _state(folder)
     uri = _uri(folder, uri)
-    client = tracking.client(uri)
+    client = store.client(uri)
     batch: list = []  # metrics waiting to be written together
     after_batch = state["offset"]
     for op, offset in _steps(folder, state["offset"]):
@@ -233,12 +233,12 @@ def _uri(folder: Path, uri: str | None) -> str:
     if uri:
         return uri
     with open(folder / OPS, encoding="utf-8") as f:
-        return tracking.resolve_uri(json.loads(f.readline())["uri"])
+        return store.resolve_uri(json.loads(f.readline())["uri"])
 
 
 def _deliver_run(client, op: dict, state: dict, uri: str) -> None:
     """The run: found by its spool id, else created with its start time and tags."""
-    exp_id = tracking.open_experiment(uri, op["experiment"])[1]
+    exp_id = store.open_experiment(uri, op["experiment"])[1]
     run_id = _find(client, exp_id, op["spool_id"])
     if run_id is not None and op["tags"]:  # made by another spool of it: its tags too
         _log_tags(client, run_id, op["tags"])
@@ -253,7 +253,7 @@ def _deliver_run(client, op: dict, state: dict, uri: str) -> None:
         tags = {**op["tags"], SPOOL_TAG: op["spool_id"]}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        tracking.with_retries(lambda: client.create_run(
+        store.with_retries(lambda: client.create_run(
             exp_id, start_time=op["start_time"], tags=tags, run_name=op["run_name"]))
         run_id = _one_run(client, exp_id, op["spool_id"])
     state["run_id"], state["experiment_id"] = run_id, exp_id
@@ -266,7 +266,7 @@ def _one_run(client, experiment_id: str, spool_id: str) -> str:
 
     runs = sorted(_tagged(client, experiment_id, spool_id, ViewType.ACTIVE_ONLY))
     for extra in runs[1:]:
-        tracking.with_retries(lambda r=extra: client.delete_run(r))
+        store.with_retries(lambda r=extra: client.delete_run(r))
     return runs[0]
 
 
@@ -279,7 +279,7 @@ def _find(client, experiment_id: str, spool_id: str) -> str | None:
 
 def _tagged(client, experiment_id: str, spool_id: str, view, **kwargs) -> list[str]:
     """The ids of the runs tagged with `spool_id`."""
-    return [r.info.run_id for r in tracking.with_retries(lambda: client.search_runs(
+    return [r.info.run_id for r in store.with_retries(lambda: client.search_runs(
         [experiment_id], filter_string=f"tags.`{SPOOL_TAG}` = '{spool_id}'",
         run_view_type=view, **kwargs))]
 
@@ -290,7 +290,7 @@ def _write_metrics(client, state: dict, batch: list, offset: int, folder: Path) 
     if batch:
         items = [Metric(k, v, t, s) for k, v, t, s in batch]
         for i in range(0, len(items), MAX_METRICS):
-            tracking.with_retries(lambda c=items[i:i + MAX_METRICS]: client.log_batch(
+            store.with_retries(lambda c=items[i:i + MAX_METRICS]: client.log_batch(
                 state["run_id"], metrics=c))
         state["offset"] = offset
         _save_state(folder, state)
@@ -301,14 +301,14 @@ def _apply(client, op: dict, state: dict, folder: Path, uri: str) -> None:
 
     run_id, kind = state["run_id"], op["op"]
     if kind == "params":
-        have = tracking.with_retries(lambda: client.get_run(run_id)).data.params
+        have = store.with_retries(lambda: client.get_run(run_id)).data.params
         for key in [k for k, v in op["params"].items() if k in have and have[k] != v]:
             # params are write-once: a resumed sweep with a changed setting keeps the first
             log.warning("run %s keeps param %s=%s (not %s)", run_id, key, have[key],
                         op["params"][key])
         items = [Param(k, v) for k, v in op["params"].items() if k not in have]
         for i in range(0, len(items), MAX_ITEMS):
-            tracking.with_retries(lambda c=items[i:i + MAX_ITEMS]:
+            store.with_retries(lambda c=items[i:i + MAX_ITEMS]:
                                   client.log_batch(run_id, params=c))
     elif kind == "tags":
         _log_tags(client, run_id, op["tags"])
@@ -316,20 +316,20 @@ def _apply(client, op: dict, state: dict, folder: Path, uri: str) -> None:
         inputs = [DatasetInput(Dataset(**d["dataset"]),
                                [InputTag(k, v) for k, v in d["tags"].items()])
                   for d in op["inputs"]]
-        tracking.with_retries(lambda: client.log_inputs(run_id, datasets=inputs))
+        store.with_retries(lambda: client.log_inputs(run_id, datasets=inputs))
     elif kind == "artifact":
-        tracking.with_retries(lambda: client.log_artifact(run_id, str(folder / op["file"]),
+        store.with_retries(lambda: client.log_artifact(run_id, str(folder / op["file"]),
                                                           op["folder"]))
     elif kind == "model":
         _deliver_model(client, state, folder / op["weights"], folder / op["examples"], uri)
     elif kind == "status":
         if not _ended_after(client, run_id, op.get("time", 0)):
-            tracking.with_retries(lambda: client.update_run(run_id, status=op["status"]))
+            store.with_retries(lambda: client.update_run(run_id, status=op["status"]))
     elif kind == "end":
         # a spool delivered late (an interrupted run of a sweep resumed since) does not
         # overwrite a newer end
         if not _ended_after(client, run_id, op["end_time"]):
-            tracking.with_retries(lambda: client.set_terminated(run_id, op["status"],
+            store.with_retries(lambda: client.set_terminated(run_id, op["status"],
                                                                 end_time=op["end_time"]))
         state["ended"] = True
     elif kind == "detach":
@@ -343,13 +343,13 @@ def _log_tags(client, run_id: str, tags: dict) -> None:
 
     items = [RunTag(k, v) for k, v in tags.items()]
     for i in range(0, len(items), MAX_ITEMS):
-        tracking.with_retries(lambda c=items[i:i + MAX_ITEMS]: client.log_batch(run_id,
+        store.with_retries(lambda c=items[i:i + MAX_ITEMS]: client.log_batch(run_id,
                                                                                 tags=c))
 
 
 def _ended_after(client, run_id: str, time_ms: int) -> bool:
     """Whether the run ended (in the store) after `time_ms`."""
-    info = tracking.with_retries(lambda: client.get_run(run_id)).info
+    info = store.with_retries(lambda: client.get_run(run_id)).info
     return info.status != "RUNNING" and (info.end_time or 0) > time_ms
 
 
@@ -364,13 +364,13 @@ def _deliver_model(client, state: dict, weights: Path, examples: Path, uri: str)
     from mlplab.app import pyfunc_model
 
     run_id, exp_id = state["run_id"], state["experiment_id"]
-    logged = tracking.with_retries(lambda: client.search_logged_models(
+    logged = store.with_retries(lambda: client.search_logged_models(
         [exp_id], filter_string=f"source_run_id = '{run_id}' AND name = '{pyfunc_model.NAME}'"))
     if any(m.status == LoggedModelStatus.READY for m in logged):
         return
     for pending in logged:
-        tracking.with_retries(lambda m=pending: client.delete_logged_model(m.model_id))
-    model = tracking.with_retries(lambda: client.create_logged_model(
+        store.with_retries(lambda m=pending: client.delete_logged_model(m.model_id))
+    model = store.with_retries(lambda: client.create_logged_model(
         exp_id, name=pyfunc_model.NAME, source_run_id=run_id,
         params=client.get_run(run_id).data.params))
     # MLflow writes a model's files through its fluent API, which uses the global URI

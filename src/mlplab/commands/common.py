@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mlplab.app import config, passwords, tracking
+from mlplab.app import config, passwords, store, tracking
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # ships inside the package
 PENDING_EXIT = 75  # EX_TEMPFAIL: the work is done, its record waits for the store
@@ -43,8 +43,8 @@ def spool_root(uri: str) -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
-        local = uri.startswith(tracking.SQLITE)
-        return Path(uri[len(tracking.SQLITE):]).resolve().parent if local else Path.cwd()
+        local = uri.startswith(store.SQLITE)
+        return Path(uri[len(store.SQLITE):]).resolve().parent if local else Path.cwd()
 
 
 def tracked_run(cfg: DictConfig, run_name: str, tags: dict | None = None):
@@ -52,7 +52,7 @@ def tracked_run(cfg: DictConfig, run_name: str, tags: dict | None = None):
     at its end a single run waits up to tracking.wait_seconds for the store, a
     sweep's job only while the store answers (the sweep waits at its end)."""
     t = cfg.tracking
-    uri = tracking.resolve_uri(t.uri)
+    uri = store.resolve_uri(t.uri)
     return tracking.run(
         uri=uri, experiment=t.experiment, spool_root=spool_root(uri),
         run_name=run_name, tags=tags, parent_run_id=t.parent_run_id,

@@ -30,7 +30,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.app import config, experiment, passwords, tracking
+from mlplab.app import config, experiment, passwords, store, tracking
 from mlplab.app.config import ConfigError
 from mlplab.app.experiment import build_dataset
 from mlplab.commands.common import (
@@ -158,7 +158,7 @@ def run_gradcheck(cfg: DictConfig) -> GradcheckOutcome:
     seconds = time.perf_counter() - t_start
     ok = gradcheck.passed(rows)
 
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = store.resolve_uri(cfg.tracking.uri)
     with tracked_run(cfg, cfg.tracking.run_name or f"gradcheck {summary}",
                      {"mlplab.kind": KIND}) as run:
         run.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlplab.app import report, tracking
+from mlplab.app import report, store
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    uri = tracking.resolve_uri(args.tracking_uri)
+    uri = store.resolve_uri(args.tracking_uri)
     path = report.build_report(uri, args.experiment, args.out, args.search_experiment)
     print(f"mlplab: report written to {path}")
     if not args.no_log:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlplab.app import courier, tracking
+from mlplab.app import courier, store
 from mlplab.commands.common import PENDING_EXIT
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     if missing:
         print(f"mlplab-sync: no such folder: {', '.join(missing)}", file=sys.stderr)
         sys.exit(2)
-    uri = tracking.resolve_uri(args.tracking_uri) if args.tracking_uri else None
+    uri = store.resolve_uri(args.tracking_uri) if args.tracking_uri else None
     delivered, left, messages = courier.sync(args.folders, uri)
     for message in messages:
         print(f"mlplab-sync: {message}", file=sys.stderr)

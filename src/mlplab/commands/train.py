@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import trial
-from mlplab.app import experiment, passwords, tracking
+from mlplab.app import experiment, passwords, store, tracking
 from mlplab.app.config import ConfigError
 from mlplab.commands.common import (
     CONF_DIR,
@@ -60,7 +60,7 @@ class Outcome(trial.Outcome):
 def run_experiment(cfg: DictConfig) -> Outcome:
     """Validate, load, train and track one run. Raises ConfigError or DataError before
     anything is recorded; trainer.Diverged after marking the run FAILED;
-    tracking.TrackingError if the run could not be recorded."""
+    store.TrackingError if the run could not be recorded."""
     t_start = time.perf_counter()
     ds, net, summary, train = prepare(cfg)
     stop_early = _trial_reporter(cfg)
@@ -71,7 +71,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
                        pruned_at=result.steps if result.stopped else None,
                        seconds=_seconds(result, 0.0, t_start))
 
-    uri = tracking.resolve_uri(t_cfg.uri)
+    uri = store.resolve_uri(t_cfg.uri)
     # the config's tags from the start: a sweep finds a killed trial's run by them
     with tracked_run(cfg, t_cfg.run_name or experiment.run_name(cfg, net),
                      dict(cfg.tags)) as run:
@@ -103,7 +103,7 @@ def run_experiment(cfg: DictConfig) -> Outcome:
     seconds["wall"] = time.perf_counter() - t_start
     return Outcome(final, pruned_at=result.steps if result.stopped else None,
                    run_id=run.run_id, tracking_uri=uri, seconds=seconds,
-                   runs_page=tracking.runs_page(uri, run.experiment_id)
+                   runs_page=store.runs_page(uri, run.experiment_id)
                    if run.experiment_id else None,
                    pending=run.pending, spool=str(run.spool.folder) if run.pending else None)
 
@@ -221,7 +221,7 @@ def main(cfg: DictConfig) -> Outcome:
             print(f"mlplab: run FAILED: {err}", file=sys.stderr)
             return Outcome.failed(f"diverged: {err}")
         exit_with(f"run FAILED: {err}", 1)
-    except tracking.TrackingError as err:
+    except store.TrackingError as err:
         if multirun:
             raise
         exit_with(f"tracking failed: {err}", 1)
