@@ -10,7 +10,7 @@ from pathlib import Path
 import mlplab.engine
 
 ENGINE_DIR = Path(mlplab.engine.__file__).parent
-BLOCKED = ("hydra", "omegaconf", "mlflow", "optuna", "matplotlib")
+BLOCKED = ("hydra", "omegaconf", "mlflow", "optuna", "matplotlib", "mlplab.app")
 BLOCK = f"""
 import sys
 for name in {BLOCKED!r}:

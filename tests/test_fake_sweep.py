@@ -155,3 +155,19 @@ def test_a_resume_keeps_the_finished_trials_and_runs_only_what_the_grown_budget_
     with pytest.raises(Exception, match="a budget may grow, not shrink"):
         _sweep(tmp_path, storage=journal, final=None,
                stages=[{"n_trials": 7}, {"n_trials": 6, "overrides": ["cycles=3"]}])
+
+
+def test_a_budget_cannot_grow_once_the_final_steps_comparison_has_started_from_it(tmp_path):
+    journal = f"journal:{tmp_path / 'optuna.log'}"
+    final = {"top_m": 2, "seeds": 1, "choose_in": "last_stage", "seed_key": "seed"}
+    _sweep(tmp_path, storage=journal, final=final)  # studies fake.choose and fake.final
+    grown = [{"n_trials": 8}, {"n_trials": 6, "overrides": ["cycles=3"]}]
+    with pytest.raises(Exception, match="stage 1 n_trials 4 -> 6 .stage choose already"):
+        _sweep(tmp_path, storage=journal, stages=grown,
+               final={**final, "choose_in": "final"})
+
+
+def test_stage_settings_may_be_interpolations(tmp_path):
+    records, _, _ = _sweep(tmp_path, n_trials=5, final=None,
+                           stages=[{"n_trials": "${n_trials}"}])
+    assert len(records[0].trials) == 5

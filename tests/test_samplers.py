@@ -115,7 +115,8 @@ def test_a_pruner_given_as_target_and_arguments_reaches_optuna_as_the_jobs_build
     for bad, key in [({**setting, "n_startup": 1}, "hydra.sweeper.pruner.n_startup"),
                      ({**setting, "n_startup_trials": -1}, "hydra.sweeper.pruner"),
                      ({"_target_": TPE}, "hydra.sweeper.pruner._target_"),
-                     ({"n_startup_trials": 1}, "hydra.sweeper.pruner._target_")]:
+                     ({"n_startup_trials": 1}, "hydra.sweeper.pruner._target_"),
+                     (None, "hydra.sweeper.pruner"), (3, "hydra.sweeper.pruner")]:
         with pytest.raises(ConfigError) as err:
             _pruning.describe(bad, None)
         assert err.value.key == key, err.value

@@ -180,3 +180,12 @@ def test_a_create_sent_twice_leaves_one_run(tmp_path, monkeypatch):
     state = spool.deliver(kept.folder)
     [run] = MlflowClient(uri).search_runs([state["experiment_id"]])
     assert run.info.run_id == state["run_id"] and run.data.metrics == {"x": 1.0}
+
+
+def test_models_logged_before_the_app_folder_find_their_class_by_its_old_name():
+    import pickle
+
+    from mlplab.app.pyfunc_model import ImageClassifier
+
+    # what a pickle of the class written before the move names: mlplab.pyfunc_model
+    assert pickle.loads(b"cmlplab.pyfunc_model\nImageClassifier\n.") is ImageClassifier

@@ -32,3 +32,23 @@ def test_an_outcome_is_taken_as_it_is():
 def test_anything_else_is_refused_naming_what_came_back(returned, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         read_outcome(returned, ["val_acc", "n_params"])
+
+
+def test_a_job_reports_to_its_trial_and_hears_the_pruner_stored_on_the_study(tmp_path):
+    import optuna
+
+    from mlplab.trial import PRUNER_ATTR, TrialConfig, reporter
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    study.set_user_attr(PRUNER_ATTR, {"_target_": "optuna.pruners.ThresholdPruner",
+                                      "lower": 0.3})
+    trial = study.ask()
+    report = reporter(TrialConfig(url, "s", trial.number))
+    assert report(0.5, 100) is False
+    assert report(0.1, 100) is False, "a step reported again keeps its first value"
+    assert report(0.2, 200) is True  # below the threshold: stop
+    frozen = study.trials[trial.number]
+    assert frozen.intermediate_values == {100: 0.5, 200: 0.2}
+    assert reporter(TrialConfig()) is None  # not a job of a sweep that prunes
+

@@ -103,8 +103,12 @@ def reporter(trial: TrialConfig | Any) -> Callable[[float, int], bool] | None:
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(trial.study), trial.number)
 
-    def report(value: float, step: int) -> bool:  # what Trial.report/should_prune do
-        storage.set_trial_intermediate_value(trial_id, step, float(value))
+    reported: set[int] = set()
+
+    def report(value: float, step: int) -> bool:  # as Trial.report and should_prune
+        if int(step) not in reported:  # a step reported again keeps its first value
+            reported.add(int(step))
+            storage.set_trial_intermediate_value(trial_id, int(step), float(value))
         return pruner.prune(study, storage.get_trial(trial_id))
 
     return report

@@ -311,9 +311,11 @@ class Sweep(Launching):
         space, marked as carried so that they count for nothing."""
         if not (self.s.carry_forward and _samplers.learns(self.sampler)):
             return
-        if _pruning.kind(self.pruner) == "median":  # it would count them as its start-up trials
-            log.info("stage %s: nothing carried forward: the median pruner would take the "
-                     "earlier trials for its n_startup_trials", ctx.stage.label)
+        # a median or percentile pruner would count them as its start-up trials
+        if isinstance(make_pruner(self.pruner), optuna.pruners.PercentilePruner):
+            log.info("stage %s: nothing carried forward: the %s pruner would take the "
+                     "earlier trials for its n_startup_trials", ctx.stage.label,
+                     _pruning.kind(self.pruner))
             return
         alike = _rules.alike(records, self.stage_overrides, ctx.stage.overrides)
         dists = {p.name: p.distribution for p in space}

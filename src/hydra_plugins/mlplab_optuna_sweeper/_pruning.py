@@ -9,6 +9,7 @@ the sweeper stored on the study says whether to stop.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
 from typing import Any
@@ -18,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlplab.app.config import ConfigError
 from mlplab.trial import make_pruner
+
+from .config import PruningConf
+
+log = logging.getLogger(__name__)
 
 KEY = "hydra.sweeper.pruner"
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
@@ -40,11 +45,19 @@ def describe(setting: Any, pruning) -> dict[str, Any]:
         out = {"name": setting, **{k: pruning[k] for k in KNOBS[setting]}}
         for key, value in out.items():
             _check_knob(key, value)
-    else:
-        out = OmegaConf.to_container(setting) if isinstance(setting, DictConfig) else dict(setting)
+    elif isinstance(setting, (dict, DictConfig)):
+        out = OmegaConf.to_container(setting, resolve=True) \
+            if isinstance(setting, DictConfig) else dict(setting)
         if "_target_" not in out:
             raise ConfigError(f"{KEY}={out}: give _target_, e.g. optuna.pruners.MedianPruner",
                               key=f"{KEY}._target_")
+        ignored = [k for k, v in (pruning or {}).items() if getattr(PruningConf, k) != v]
+        if ignored:
+            log.warning("%s is given with _target_: its own arguments apply, not "
+                        "hydra.sweeper.pruning's %s", KEY, ignored)
+    else:
+        raise ConfigError(f"{KEY}={setting!r}: allowed {list(PRUNERS)}, or _target_ and "
+                          "arguments", key=KEY)
     try:
         pruner = make_pruner(out)
     except Exception as err:

@@ -6,7 +6,7 @@ sweeper takes it, `_target_` and the sampler's own arguments, built with Hydra's
 
     sampler: {_target_: optuna.samplers.TPESampler, n_startup_trials: 4, multivariate: true}
 
-The seed is the sweep's (`hydra.sweeper.seed`, one per trial: `_studies.trial_seed`).
+The seed is the sweep's (`hydra.sweeper.seed`, one per trial: `_rules.trial_seed`).
 A model-based sampler draws its first `n_startup_trials` at random; a stage with no more
 trials than that would never use the model. So a stage gets the sampler's own start-up
 when it leaves trials after it, else a third of its trials (said in the log); a

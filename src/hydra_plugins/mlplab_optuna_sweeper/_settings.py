@@ -28,8 +28,9 @@ SETTINGS = "settings"  # the sweep study's user attribute: the search a resume m
 def plan(s: DictConfig) -> list[Stage]:
     """The stages the settings describe, the final retrain (if any) last."""
     with keyed("hydra.sweeper."):
-        return _rules.plan(s.n_trials, OmegaConf.to_container(s.stages),
-                          None if s.final is None else OmegaConf.to_container(s.final))
+        return _rules.plan(s.n_trials, OmegaConf.to_container(s.stages, resolve=True),
+                           None if s.final is None
+                           else OmegaConf.to_container(s.final, resolve=True))
 
 
 def check(s: DictConfig) -> None:
@@ -193,8 +194,9 @@ def check_resume(sweep_study, storage, name: str, url: str | None, wanted: dict)
     # from before pruning, warm starts existed
     stored = {"pruner": {"name": "none"}, "warm_start": [], "objectives": [VAL_ACC],
               "carry_forward": True, **stored}
-    started = {st["stage"] for st in wanted["stages"]
-               if _studies.exists(storage, f"{name}.{_rules.study_suffix(st['stage'])}")}
+    labels = {st["stage"] for st in wanted["stages"]} | {_rules.CHOOSE, _rules.FINAL}
+    started = {label for label in labels
+               if _studies.exists(storage, f"{name}.{_rules.study_suffix(label)}")}
     diffs = _rules.resume_diffs(stored, wanted, started)
     if diffs:
         raise ConfigError(

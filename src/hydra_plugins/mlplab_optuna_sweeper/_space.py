@@ -8,8 +8,6 @@
     opt=choice(a, b), opt=a,b, shuffle() -> CategoricalDistribution
 
 Anything that is not a sweep is a fixed override passed to every job unchanged.
-`narrow` is the coarse-to-fine step: a log-scaled interval shrinks to the span of the
-best trials.
 """
 
 from __future__ import annotations

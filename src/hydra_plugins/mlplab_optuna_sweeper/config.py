@@ -23,8 +23,8 @@ class FinalConf:
     """The final step: retrain the last stage's best top_m, `seeds` seeds each."""
 
     overrides: list[str] = field(default_factory=list)
-    top_m: int = 1
-    seeds: int = 1
+    top_m: int = 1  # candidates: the last stage's best top_m
+    seeds: int = 1  # retrains of each, seeds seed_key, +1, ...
     choose_in: str = "final"  # final | last_stage: compare the top_m there, new seeds
     front_tolerance: float = 0.0  # several objectives: the pick's slack on the first
     seed_key: str = "train.seed"  # the app's key that seeds a job
@@ -51,8 +51,8 @@ class MlplabOptunaSweeperConf:
     direction: Any = "maximize"  # or a list, one per objective
     objectives: list[str] | None = None  # names in the task's outcome; null: [val_acc]
     sampler: Any = "tpe"  # a name, or _target_ and the sampler's arguments
-    seed: int | None = None  # null: a fresh one each run
-    n_trials: int = 20
+    seed: int | None = None  # the samplers' seed (one per trial); null: a fresh one each run
+    n_trials: int = 20  # a stage's trials, unless the stage says
     n_jobs: int = 1  # trials per launcher batch
     workers: int | None = None  # trials at once on this machine; null: one per core
     storage: str | None = None  # null: in memory (a journal if workers or a pruner share)

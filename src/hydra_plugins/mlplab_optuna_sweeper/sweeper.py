@@ -19,7 +19,7 @@ INTERRUPTED_WAIT_SECONDS = 10.0  # Ctrl-C: a short wait, not tracking.wait_secon
 
 
 class MlplabOptunaSweeper(Sweeper):
-    """Staged Optuna search over Hydra overrides; see `_driver.Sweep` for the rules."""
+    """Staged Optuna search over Hydra overrides; its rules: `_rules`."""
 
     def __init__(self, **settings: Any) -> None:
         settings.pop("_target_", None)
