@@ -33,6 +33,7 @@ KNOBS = {"none": (), "median": ("n_startup_trials", "n_warmup_steps", "interval_
          "successive_halving": ("min_resource", "reduction_factor"),
          "hyperband": ("min_resource", "max_resource", "reduction_factor")}
 AUTO = "auto"
+_said: set[tuple] = set()  # warnings given in this process
 
 
 def describe(setting: Any, pruning) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def describe(setting: Any, pruning) -> dict[str, Any]:
             raise ConfigError(f"{KEY}={out}: give _target_, e.g. optuna.pruners.MedianPruner",
                               key=f"{KEY}._target_")
         ignored = [k for k, v in (pruning or {}).items() if getattr(PruningConf, k) != v]
-        if ignored:
+        if ignored and tuple(ignored) not in _said:  # once, though several checks describe it
+            _said.add(tuple(ignored))
             log.warning("%s is given with _target_: its own arguments apply, not "
                         "hydra.sweeper.pruning's %s", KEY, ignored)
     else:
