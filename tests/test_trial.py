@@ -18,9 +18,22 @@ def test_a_number_or_numbers_become_the_objectives_values(returned, objectives, 
     assert read_outcome(returned, objectives) == Outcome(final)
 
 
-def test_an_outcome_is_taken_as_it_is():
-    outcome = Outcome({"val_acc": 0.4, "test_acc": 0.39}, pruned_at=300)
+def _app_outcome(*args, **kwargs):
+    from mlplab.commands.train import Outcome as TrainOutcome  # mlplab's task returns it
+
+    return TrainOutcome(*args, **kwargs)
+
+
+@pytest.mark.parametrize("make", [Outcome, _app_outcome], ids=["contract", "mlplab app"])
+def test_an_outcome_is_taken_as_it_is_and_the_sweeper_reads_it_so(make):
+    from hydra_plugins.mlplab_optuna_sweeper._rules import verdict
+
+    outcome = make({"val_acc": 0.4, "test_acc": 0.39, "n_params": 120}, pruned_at=300)
     assert read_outcome(outcome, ["val_acc"]) is outcome
+    read = verdict(outcome, ["val_acc", "n_params"])  # the sweeper's side of the seam
+    assert (read.values, read.test_acc, read.pruned_at) == ([0.4, 120], 0.39, 300)
+    assert verdict(make({}, failure="Diverged: nan"), ["val_acc"]).failure == \
+        "Diverged: nan"
 
 
 @pytest.mark.parametrize("returned, message", [
