@@ -120,15 +120,14 @@ def test_a_pruner_given_as_target_and_arguments_reaches_optuna_as_the_jobs_build
         with pytest.raises(ConfigError) as err:
             _pruning.describe(bad, None)
         assert err.value.key == key, err.value
-    # knobs of hydra.sweeper.pruning set beside _target_ do not apply: said, once
+    # knobs of hydra.sweeper.pruning set beside _target_ do not apply: said
     from omegaconf import OmegaConf
 
     from hydra_plugins.mlplab_optuna_sweeper.config import PruningConf
 
     knobs = OmegaConf.merge(OmegaConf.structured(PruningConf), {"n_warmup_steps": 540})
-    for _ in range(3):
-        _pruning.describe(setting, knobs)
-    assert caplog.text.count("hydra.sweeper.pruning's ['n_warmup_steps']") == 1
+    _pruning.describe(setting, knobs)
+    assert "hydra.sweeper.pruning's ['n_warmup_steps']" in caplog.text
 
 
 # --- several objectives: the front and the rule that picks from it --------------------

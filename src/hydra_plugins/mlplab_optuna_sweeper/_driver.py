@@ -65,14 +65,12 @@ class Sweep(Launching):
         """`compose(overrides)`: the job config those overrides make (Hydra's loader);
         `parent_run(experiment, sweep_dir)`: the sweep's record (default: an MLflow
         parent run, `_records.ParentRun`)."""
-        check(settings)
+        self.sampler, self.pruner = check(settings)
         self.s, self.config, self.launcher = settings, config, launcher
         self.compose, self.parent_run = compose, parent_run
         self.directions = as_directions(settings.direction)
         self.objectives = objectives(settings)
         self.maximize = self.directions[0] == "maximize"  # how the first objective ranks
-        self.sampler = _samplers.spec(settings.sampler)
-        self.pruner = _pruning.describe(settings.pruner, settings.pruning)
         if _pruning.prunes(self.pruner) and OmegaConf.select(config, "trial") is None:
             raise ConfigError(f"hydra.sweeper.pruner={settings.pruner!r}: the app's config "
                               "has no `trial` section for its jobs to report to (see "
@@ -128,7 +126,7 @@ class Sweep(Launching):
                 if fresh else []
             sweep_study, created = _studies.open_study(storage, name, self.directions)
             check_resume(sweep_study, storage, name, self.s.storage,
-                         search_settings(s, params, stages, warm_given))
+                         search_settings(s, params, stages, warm_given, self.pruner))
             self.stage_overrides = {st.label: st.overrides for st in stages}
             return self._run(stages, params, fixed, storage, storage_url, name,
                              sweep_study, created)
@@ -371,14 +369,14 @@ class Sweep(Launching):
             taken = {_rules.slot_key(t.params) for t in ctx.ledger.trials()
                      if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
                      or self._failed_meanwhile(t)} | tried
-            todo = [slots[i] for i in _rules.free_slots(keys, taken)]
+            todo = _rules.free_slots(keys, taken)[:s.n_jobs]
             if todo:
-                batch = todo[:s.n_jobs]
-                tried |= {_rules.slot_key(_space.point(slot)) for slot in batch}
-                self._run_batch(ctx, batch, first_of_their_slot)
+                tried |= {keys[i] for i in todo}
+                self._run_batch(ctx, [slots[i] for i in todo], first_of_their_slot)
             elif not self._wait_for_others(ctx):
                 break
-        trials = [t for t in ctx.ledger.finished() if _rules.slot_key(t.params) in set(keys)]
+        wanted = set(keys)
+        trials = [t for t in ctx.ledger.finished() if _rules.slot_key(t.params) in wanted]
         return StageRecord(label, _space.seeded(last.params, candidates[0], key, base), trials,
                            candidates=candidates)
 

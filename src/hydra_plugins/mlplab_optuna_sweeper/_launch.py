@@ -14,10 +14,11 @@ from optuna.trial import TrialState
 from mlplab.app import optuna_storage
 from mlplab.app.config import ConfigError
 from mlplab.app.passwords import mask_password
+from mlplab.app.store import MAX_TAG_LENGTH
 from mlplab.engine.data import DataError
 
 from . import _parallel, _rules, _space
-from ._records import MAX_TAG_LENGTH, ParentRun, run_name
+from ._records import ParentRun, run_name
 from ._rules import DROPPED, FAILURE, PRUNED_AT, TEST_ACC, Stage
 from ._settings import names_searched
 from ._space import Param

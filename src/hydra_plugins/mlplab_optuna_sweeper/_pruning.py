@@ -17,7 +17,8 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.app.config import ConfigError
+from mlplab.app.config import ConfigError, keyed
+from mlplab.engine.checks import non_negative_int, positive_int, require
 from mlplab.trial import make_pruner
 
 from .config import PruningConf
@@ -33,7 +34,6 @@ KNOBS = {"none": (), "median": ("n_startup_trials", "n_warmup_steps", "interval_
          "successive_halving": ("min_resource", "reduction_factor"),
          "hyperband": ("min_resource", "max_resource", "reduction_factor")}
 AUTO = "auto"
-_said: set[tuple] = set()  # warnings given in this process
 
 
 def describe(setting: Any, pruning) -> dict[str, Any]:
@@ -43,9 +43,11 @@ def describe(setting: Any, pruning) -> dict[str, Any]:
         if setting not in PRUNERS:
             raise ConfigError(f"{KEY}={setting!r}: allowed {list(PRUNERS)}, or _target_ and "
                               "arguments, e.g. {_target_: optuna.pruners.MedianPruner}", key=KEY)
-        out = {"name": setting, **{k: pruning[k] for k in KNOBS[setting]}}
-        for key, value in out.items():
-            _check_knob(key, value)
+        knobs = {k: pruning[k] for k in KNOBS[setting]}
+        with keyed("hydra.sweeper.pruning."):
+            for key, value in knobs.items():
+                _check_knob(key, value)
+        out = {"name": setting, **knobs}
     elif isinstance(setting, (dict, DictConfig)):
         out = OmegaConf.to_container(setting, resolve=True) \
             if isinstance(setting, DictConfig) else dict(setting)
@@ -53,8 +55,7 @@ def describe(setting: Any, pruning) -> dict[str, Any]:
             raise ConfigError(f"{KEY}={out}: give _target_, e.g. optuna.pruners.MedianPruner",
                               key=f"{KEY}._target_")
         ignored = [k for k, v in (pruning or {}).items() if getattr(PruningConf, k) != v]
-        if ignored and tuple(ignored) not in _said:  # once, though several checks describe it
-            _said.add(tuple(ignored))
+        if ignored:
             log.warning("%s is given with _target_: its own arguments apply, not "
                         "hydra.sweeper.pruning's %s", KEY, ignored)
     else:
@@ -74,19 +75,16 @@ def describe(setting: Any, pruning) -> dict[str, Any]:
 
 
 def _check_knob(key: str, value) -> None:
-    if key == "name":
-        return
+    """A knob of hydra.sweeper.pruning, with the engine's checks (keyed by `describe`)."""
     if key.endswith("_resource"):
-        ok, allowed = value == AUTO or (isinstance(value, int) and value >= 1), \
-            f"{AUTO!r} or an int >= 1 (update steps)"
+        require(value == AUTO or (isinstance(value, int) and value >= 1), key, value,
+                f"allowed {AUTO!r} or an int >= 1 (update steps)")
     elif key == "reduction_factor":
-        ok, allowed = isinstance(value, int) and value >= 2, "an int >= 2"
+        require(isinstance(value, int) and value >= 2, key, value, "allowed an int >= 2")
+    elif key == "interval_steps":
+        positive_int(key, value)
     else:
-        least = 1 if key == "interval_steps" else 0
-        ok, allowed = isinstance(value, int) and value >= least, f"an int >= {least}"
-    if not ok:
-        raise ConfigError(f"hydra.sweeper.pruning.{key}={value!r}: allowed {allowed}",
-                          key=f"hydra.sweeper.pruning.{key}")
+        non_negative_int(key, value)
 
 
 def kind(settings: dict[str, Any]) -> str:

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_spool_id"  # the parent run by its spool id
 PARENT_WAIT_SECONDS = 30.0  # how long a worker waits for the creator to name the parent
 TABLE_COLUMNS = ("stage", "number", "state", "value", TEST_ACC, PRUNED_AT)
-MAX_TAG_LENGTH = store.MAX_TAG_LENGTH
 
 
 class ParentRun:

@@ -33,21 +33,23 @@ def plan(s: DictConfig) -> list[Stage]:
                            else OmegaConf.to_container(s.final, resolve=True))
 
 
-def check(s: DictConfig) -> None:
+def check(s: DictConfig) -> tuple[dict, dict]:
     """Every hydra.sweeper setting checkable before anything runs (ConfigError naming
-    the key, as the app's own checks do)."""
+    the key, as the app's own checks do); the sampler's and the pruner's settings, each
+    described once (`_samplers.spec`, `_pruning.describe`)."""
+    sampler, pruner = _samplers.spec(s.sampler), _pruning.describe(s.pruner, s.pruning)
     with keyed("hydra.sweeper."):
-        _check(s)
-    _samplers.make(_samplers.spec(s.sampler), 0)  # bad names, arguments, packages: now
+        _check(s, sampler, _pruning.prunes(pruner))
+    _samplers.make(sampler, 0)  # bad arguments, packages: now
+    return sampler, pruner
 
 
-def _check(s: DictConfig) -> None:
+def _check(s: DictConfig, sampler: dict, prunes: bool) -> None:
     directions, names, final = as_directions(s.direction), objectives(s), s.final
     require(len(names) == len(directions), "objectives", names,
             f"one per direction ({len(directions)}: {directions})")
     # the jobs report their validation accuracy to the pruner, whatever is optimised
     # (several objectives: refused below, with Optuna's reason)
-    prunes = _pruning.prunes(_pruning.describe(s.pruner, s.pruning))
     require(not prunes or names == [VAL_ACC] or len(names) > 1, "pruner", s.pruner,
             f"with objectives={names} a trial reports its val_acc to the pruner, so a "
             "pruner needs objectives [val_acc]; allowed none")
@@ -63,7 +65,6 @@ def _check(s: DictConfig) -> None:
         require(len(s.stages) <= 1, "stages", len(s.stages), "with several objectives a "
                 "search has one stage (narrowing to the best has no single best); "
                 "allowed 0 or 1")
-        sampler = _samplers.spec(s.sampler)
         require(_samplers.handles_objectives(sampler, len(directions)), "sampler",
                 _samplers.describe(sampler), "cannot search several objectives; allowed "
                 "tpe, nsga2, random, qmc, gp")
@@ -150,7 +151,7 @@ def names_searched(err: Exception, params: list[Param]) -> bool:
 
 
 def search_settings(s: DictConfig, params: list[Param], stages: list[Stage],
-                    warm: list[dict]) -> dict:
+                    warm: list[dict], pruner: dict) -> dict:
     """What a resumed study must share with the run that started it (JSON for Optuna)."""
     directions = as_directions(s.direction)  # [maximize] is stored as maximize, as before
     return {"direction": directions[0] if len(directions) == 1 else directions,
@@ -158,7 +159,7 @@ def search_settings(s: DictConfig, params: list[Param], stages: list[Stage],
             "carry_forward": s.carry_forward,
             "space": {p.name: _space.describe(p) for p in params},
             "top_k": s.top_k, "margin": s.margin,
-            "pruner": _pruning.describe(s.pruner, s.pruning),
+            "pruner": pruner,
             "warm_start": warm,
             "stages": [{"stage": st.label, "n_trials": st.n_trials,
                         "overrides": st.overrides} for st in stages]}
